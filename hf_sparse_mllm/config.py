@@ -1,0 +1,154 @@
+"""`SparseMLLMConfig`: the sparse-training recipe, saved next to the model under its own file name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+SPARSE_CONFIG_NAME = "sparse_mllm_config.json"
+STAGES = ("alignment", "instruction", "auto")
+
+
+@strict(accept_kwargs=True)
+@dataclass(repr=False)
+class SparseMLLMConfig(PreTrainedConfig):
+    r"""
+    The sparse-training recipe used by [`SparseMLLMTrainer`].
+
+    It is a `transformers` config with its own `model_type` (`"sparse_mllm"`), saved as `sparse_mllm_config.json`
+    beside the weights so the base model's `config.json` is never overwritten.
+
+    Args:
+        token_compressor (`str` or `None`, *optional*, defaults to `"divprune"`):
+            Name of a registered visual token compressor (see `hf_sparse_mllm.compressors.list_compressors()`), or
+            `None` to feed every visual token to the language model.
+        keep_ratio (`float`, *optional*, defaults to `0.25`):
+            Fraction of each image's visual tokens kept on fast steps, in (0, 1]. The budget is
+            `k = max(1, round(keep_ratio * num_tokens))`.
+        num_keep (`int` or `None`, *optional*, defaults to `None`):
+            Absolute number of visual tokens kept per image; overrides `keep_ratio` when set.
+        slow_mode_prob (`float`, *optional*, defaults to `0.1`):
+            Probability that an optimizer step is a slow (all tokens, distilled) step in the instruction stage.
+        num_isolator_tokens (`int`, *optional*, defaults to `4`):
+            Number of learnable mode-isolator tokens prepended to each image's kept tokens on fast steps; `0`
+            disables the isolator (naive pruning).
+        distill_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the KL(teacher || student) term on slow steps.
+        distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of the distillation; the KL term is multiplied by its square.
+        stage (`str`, *optional*, defaults to `"auto"`):
+            `"alignment"` (projector training, language model frozen: fast steps only), `"instruction"` (fast/slow
+            alternation) or `"auto"` (alignment when no language-model parameter requires grad).
+        seed (`int`, *optional*, defaults to `42`):
+            Seed of every sparse decision (step mode, random selection). Decisions are pure functions of this seed
+            and the optimizer step, so they agree across processes and after resuming.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm import SparseMLLMConfig
+    >>> config = SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.1, slow_mode_prob=0.1)
+    >>> config.keep_ratio
+    0.1
+    ```
+    """
+
+    model_type = "sparse_mllm"
+
+    token_compressor: str | None = field(
+        default="divprune",
+        metadata={"help": "Registered visual token compressor (divprune, pool, random, redundancy, cls_attention) or None."},
+    )
+    keep_ratio: float | int = field(
+        default=0.25, metadata={"help": "Fraction of visual tokens kept per image on fast steps, in (0, 1]."}
+    )
+    num_keep: int | None = field(
+        default=None, metadata={"help": "Absolute number of visual tokens kept per image; overrides keep_ratio."}
+    )
+    slow_mode_prob: float | int = field(
+        default=0.1, metadata={"help": "Probability of a slow (all-token, distilled) step in the instruction stage."}
+    )
+    num_isolator_tokens: int = field(
+        default=4, metadata={"help": "Learnable mode-isolator tokens prepended to each image on fast steps (0: off)."}
+    )
+    distill_weight: float | int = field(default=1.0, metadata={"help": "Weight of the KL distillation term."})
+    distill_temperature: float | int = field(default=1.0, metadata={"help": "Temperature of the distillation."})
+    stage: str = field(default="auto", metadata={"help": "Training stage: alignment, instruction or auto."})
+    seed: int = field(default=42, metadata={"help": "Seed of all sparse decisions (mode, random selection)."})
+    sparse_mllm_version: str = field(
+        default=__version__, metadata={"help": "Version of hf-sparse-mllm that wrote this config."}
+    )
+
+    def __post_init__(self, **kwargs):
+        from .compressors import list_compressors
+
+        if self.token_compressor is not None and self.token_compressor not in list_compressors():
+            raise ValueError(
+                f"token_compressor must be one of {list_compressors()} or None, got {self.token_compressor!r}."
+            )
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}.")
+        if self.num_keep is not None and self.num_keep < 1:
+            raise ValueError(f"num_keep must be a positive integer or None, got {self.num_keep}.")
+        if not 0 <= self.slow_mode_prob <= 1:
+            raise ValueError(f"slow_mode_prob must be in [0, 1], got {self.slow_mode_prob}.")
+        if self.num_isolator_tokens < 0:
+            raise ValueError(f"num_isolator_tokens must be >= 0, got {self.num_isolator_tokens}.")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}.")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}.")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}.")
+        super().__post_init__(**kwargs)
+
+    @property
+    def compression_enabled(self) -> bool:
+        return self.token_compressor is not None
+
+    def recipe_dict(self) -> dict:
+        """The recipe fields only (no generic `PreTrainedConfig` attributes), as plain JSON-able values."""
+        own = {f.name for f in fields(SparseMLLMConfig)} - {f.name for f in fields(PreTrainedConfig)}
+        return {name: getattr(self, name) for name in sorted(own)}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Write the recipe to `save_directory/sparse_mllm_config.json` (the base `config.json` is left alone)."""
+        if push_to_hub:
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, SPARSE_CONFIG_NAME)
+        self.to_json_file(path, use_diff=False)
+        return [path]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SparseMLLMConfig:
+        """Read the recipe from a local folder or a Hub repo that holds `sparse_mllm_config.json`."""
+        kwargs.setdefault("_configuration_file", SPARSE_CONFIG_NAME)
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls.from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> SparseMLLMConfig:
+        known = {f.name for f in fields(cls)} | {"model_type"}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            logger.warning(
+                "Ignoring unknown SparseMLLMConfig keys %s (written by hf-sparse-mllm %s; this is %s).",
+                unknown,
+                config_dict.get("sparse_mllm_version", "?"),
+                __version__,
+            )
+        config_dict = {k: v for k, v in config_dict.items() if k in known and k != "model_type"}
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps({"model_type": self.model_type, **self.recipe_dict()}, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,324 @@
+"""`SparseMLLMTrainer`: a drop-in `transformers.Trainer` that trains vision-language models on fewer visual tokens.
+
+Reading order: `__init__` (attach the mode isolator, resolve the stage) -> `training_step` (decide the step's mode
+from the seed and `state.global_step`) -> `compute_loss` (plain, fast or slow forward through the wrapped model) ->
+`log` (sparse metrics averaged across processes) -> checkpoint hooks (isolator saved beside, never inside, weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .adapters import SparsePlan, get_adapter
+from .compressors import get_compressor
+from .config import SparseMLLMConfig
+from .dualspeed import (
+    FAST,
+    SLOW,
+    STREAM_SELECTION,
+    ModeIsolator,
+    distillation_kl_sum,
+    next_token_targets,
+    step_mode,
+    step_random,
+    token_ce_sum,
+)
+
+logger = logging.getLogger(__name__)
+
+ISOLATOR_FILE = "sparse_mllm_isolator.safetensors"
+METRIC_KEYS = (
+    "visual_tokens_per_image",
+    "seq_len",
+    "slow_step",
+    "fast_ce",
+    "teacher_ce",
+    "student_ce",
+    "kl",
+)
+
+
+class SparseMLLMTrainer(Trainer):
+    r"""
+    A [`~transformers.Trainer`] that trains vision-language models with compressed visual tokens (fast steps) and,
+    in the instruction stage, occasional all-token steps distilled from the fast mode (slow steps, DualSpeed).
+
+    Everything else is the stock `Trainer`: evaluation, prediction and the saved model use all visual tokens, and
+    with `token_compressor=None` training is identical to `Trainer`.
+
+    Args:
+        sparse_config ([`SparseMLLMConfig`], *optional*):
+            The sparse recipe. Defaults to `SparseMLLMConfig()` (DivPrune keeping 25 % of the visual tokens, 10 %
+            slow steps in the instruction stage).
+        *args, **kwargs:
+            Passed to [`~transformers.Trainer`] unchanged.
+
+    Example:
+
+    ```python
+    >>> from transformers import TrainingArguments
+    >>> from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
+    >>> from hf_sparse_mllm.data.collator import VisionLanguageCollator
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
+    >>> from PIL import Image
+    >>> model, processor = build_tiny_llava_and_processor("test", words=["red", "what", "color"])
+    >>> sample = {
+    ...     "images": [Image.new("RGB", (32, 32), "red")],
+    ...     "messages": [
+    ...         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]},
+    ...         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ...     ],
+    ... }
+    >>> args = TrainingArguments("outputs/doctest", max_steps=2, per_device_train_batch_size=2, report_to="none",
+    ...                          remove_unused_columns=False, save_strategy="no", use_cpu=True)
+    >>> trainer = SparseMLLMTrainer(
+    ...     model=model, args=args, train_dataset=[sample] * 4, data_collator=VisionLanguageCollator(processor),
+    ...     sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.25),
+    ... )
+    >>> trainer.train().global_step
+    2
+    ```
+    """
+
+    # `compute_loss` returns a loss that is already scaled for gradient accumulation on every path, for every
+    # architecture (the stock default depends on whether the model accepts loss kwargs).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, sparse_config=None, **kwargs):
+        if model is None:
+            raise ValueError("SparseMLLMTrainer needs `model` (model_init is not supported).")
+        if sparse_config is None:
+            sparse_config = SparseMLLMConfig()
+        if not isinstance(sparse_config, SparseMLLMConfig):
+            raise TypeError(f"sparse_config must be a SparseMLLMConfig, got {type(sparse_config).__name__}.")
+        self.sparse_config = sparse_config
+        self.adapter = get_adapter(model)
+        self.compressor = get_compressor(sparse_config.token_compressor) if sparse_config.compression_enabled else None
+        self.stage = self._resolve_stage(sparse_config.stage)
+        self.num_keep = None
+        if self.compressor is not None:
+            # Checked now so a bad budget fails before training starts, not at the first step.
+            self.num_keep = self.compressor.budget(
+                num_tokens=self.adapter.tokens_per_image(),
+                keep_ratio=sparse_config.keep_ratio,
+                num_keep=sparse_config.num_keep,
+                grid_size=self.adapter.grid_size(),
+            )
+        self.isolator = None
+        if self.compressor is not None and sparse_config.num_isolator_tokens > 0:
+            self.isolator = getattr(model, "sparse_mllm_isolator", None)
+            if self.isolator is None:
+                embed = model.get_input_embeddings().weight
+                self.isolator = ModeIsolator(
+                    sparse_config.num_isolator_tokens, self.adapter.hidden_size(), sparse_config.seed, dtype=embed.dtype
+                ).to(embed.device)
+                model.add_module("sparse_mllm_isolator", self.isolator)
+
+        if args is None:
+            args = TrainingArguments(output_dir="trainer_output")
+        # A fast step leaves the isolator or (with vision_feature_layer=-2) vision parameters without gradients.
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = True
+        super().__init__(model, args, *pargs, **kwargs)
+
+        self._step_context: dict | None = None
+        self._context_step = -1
+        self._micro_step = 0
+        self._metric_sums = defaultdict(float)
+        self._metric_counts = defaultdict(int)
+        self._samples_since_log = 0
+        self._last_log_time = time.perf_counter()
+        logger.info(
+            "SparseMLLMTrainer: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s",
+            self.stage,
+            sparse_config.token_compressor,
+            sparse_config.num_keep or sparse_config.keep_ratio,
+            self.effective_slow_mode_prob,
+            sparse_config.num_isolator_tokens if self.isolator is not None else 0,
+        )
+
+    def _resolve_stage(self, stage: str) -> str:
+        if stage != "auto":
+            return stage
+        trains_lm = any(p.requires_grad for p in self.adapter.language_model().parameters())
+        return "instruction" if trains_lm else "alignment"
+
+    @property
+    def effective_slow_mode_prob(self) -> float:
+        """Slow steps only happen in the instruction stage, and only when there is a fast mode to distil from."""
+        if self.compressor is None or self.stage == "alignment":
+            return 0.0
+        return float(self.sparse_config.slow_mode_prob)
+
+    def step_mode(self, step: int) -> str:
+        """The mode (`"fast"` or `"slow"`) of optimizer step `step`: a pure function of the seed and the step."""
+        return step_mode(self.sparse_config.seed, step, self.effective_slow_mode_prob)
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step
+        if step != self._context_step:
+            self._context_step, self._micro_step = step, 0
+        self._step_context = {"step": step, "micro": self._micro_step, "mode": self.step_mode(step)}
+        self._samples_since_log += int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else 0
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._step_context = None
+            self._micro_step += 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.adapter.check_batch(inputs)
+        context = self._step_context
+        sparse = (
+            context is not None
+            and self.compressor is not None
+            and self.adapter.num_images(inputs) > 0
+            and "labels" in inputs
+            and not return_outputs
+        )
+        if not sparse:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if context is None:
+                return result  # evaluation / prediction: untouched
+            loss = result[0] if return_outputs else result
+            stock_scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+            if not stock_scaled:
+                loss = loss / self._accumulation_steps()
+            self._record("slow_step", 0.0)
+            if "input_ids" in inputs:
+                self._record("seq_len", inputs["input_ids"].shape[1])
+            return (loss, result[1]) if return_outputs else loss
+
+        if context["mode"] == FAST:
+            logits, targets, seq_len = self._answer_logits(model, inputs, compressed=True)
+            total = token_ce_sum(logits, targets)
+            self._record("fast_ce", total.item() / max(len(targets), 1))
+            self._record("visual_tokens_per_image", self.num_keep)
+        else:
+            with torch.no_grad():
+                teacher_logits, teacher_targets, _ = self._answer_logits(model, inputs, compressed=True)
+            logits, targets, seq_len = self._answer_logits(model, inputs, compressed=False)
+            if not torch.equal(teacher_targets, targets):
+                raise RuntimeError("Teacher and student answer tokens differ; the prompts must differ only in images.")
+            student_ce = token_ce_sum(logits, targets)
+            kl = distillation_kl_sum(logits, teacher_logits, self.sparse_config.distill_temperature)
+            total = student_ce + self.sparse_config.distill_weight * kl
+            n = max(len(targets), 1)
+            self._record("teacher_ce", token_ce_sum(teacher_logits, targets).item() / n)
+            self._record("student_ce", student_ce.item() / n)
+            self._record("kl", kl.item() / n)
+            self._record("visual_tokens_per_image", self.adapter.tokens_per_image())
+        self._record("slow_step", float(context["mode"] == SLOW))
+        self._record("seq_len", seq_len)
+        return self._scale_summed_loss(total, len(targets), num_items_in_batch)
+
+    def _answer_logits(self, model, inputs, compressed: bool):
+        """Run the wrapped `model` in fast (compressed) or full mode; return logits and targets at answer positions."""
+        plan = SparsePlan()
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        labels = inputs["labels"]
+        if compressed:
+            k = self.num_keep
+            n_iso = self.isolator.tokens.shape[0] if self.isolator is not None else 0
+            shrunk = self.adapter.shrink_image_spans(inputs, k + n_iso)
+            labels = shrunk.pop("labels")
+            batch = shrunk
+            plan.compress = self._compress_fn(k)
+            plan.needs = self.compressor.requires
+            plan.isolator = self.isolator.tokens if self.isolator is not None else None
+        targets = next_token_targets(labels)
+        plan.logit_positions = targets != -100
+        with self.adapter.apply(plan):
+            outputs = model(**batch, use_cache=False)
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        return logits, targets[plan.logit_positions], batch["input_ids"].shape[1]
+
+    def _compress_fn(self, k: int):
+        context = self._step_context
+        seed = int(
+            step_random(self.sparse_config.seed, STREAM_SELECTION, context["step"], context["micro"]).integers(2**62)
+        )
+
+        def compress(features, hook_context):
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            return self.compressor.compress(features, k, generator=generator, **hook_context)
+
+        return compress
+
+    def _scale_summed_loss(self, total, n_local_tokens, num_items_in_batch):
+        """Normalise a summed loss exactly as the stock Trainer normalises a model's loss."""
+        if num_items_in_batch is not None:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return loss
+        return total / max(n_local_tokens, 1) / self._accumulation_steps()
+
+    def _accumulation_steps(self) -> int:
+        # Set by the training loop for the current window (the last one may be shorter).
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    # ---- logging -----------------------------------------------------------------------------------------------
+
+    def _record(self, name: str, value: float) -> None:
+        self._metric_sums[name] += float(value)
+        self._metric_counts[name] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.model.training:
+            sums = [self._metric_sums[k] for k in METRIC_KEYS] + [self._samples_since_log]
+            counts = [self._metric_counts[k] for k in METRIC_KEYS]
+            stats = torch.tensor(sums + counts, dtype=torch.float64, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            stats = stats.tolist()
+            for i, key in enumerate(METRIC_KEYS):
+                count = stats[len(METRIC_KEYS) + 1 + i]
+                if count:
+                    logs[f"sparse/{key}"] = round(stats[i] / count, 4)
+            now = time.perf_counter()
+            logs["sparse/samples_per_second"] = round(stats[len(METRIC_KEYS)] / max(now - self._last_log_time, 1e-9), 3)
+            self._last_log_time = now
+            self._samples_since_log = 0
+            self._metric_sums.clear()
+            self._metric_counts.clear()
+        super().log(logs, start_time)
+
+    # ---- saving and resuming -----------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # The recipe travels with the model as a plain dict; the base model_type and weights are untouched.
+        self.model.config.sparse_mllm = self.sparse_config.recipe_dict()
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self.sparse_config.save_pretrained(output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.isolator is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_file({"tokens": self.isolator.tokens.detach().cpu().contiguous()}, os.path.join(folder, ISOLATOR_FILE))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, ISOLATOR_FILE)
+        if self.isolator is not None:
+            if not os.path.isfile(path):
+                logger.warning("No %s in %s: the mode isolator restarts from its initial value.", ISOLATOR_FILE, resume_from_checkpoint)
+                return
+            with torch.no_grad():
+                self.isolator.tokens.copy_(load_file(path)["tokens"])

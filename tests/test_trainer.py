@@ -1,0 +1,242 @@
+"""SparseMLLMTrainer: equivalence with the stock Trainer, DualSpeed training, checkpoints, resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import collate, make_dataset, tiny_llava, training_args
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, Trainer
+
+from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
+from hf_sparse_mllm.data.collator import VisionLanguageCollator
+from hf_sparse_mllm.dualspeed import SLOW
+
+OFF = dict(token_compressor=None, slow_mode_prob=0.0)
+
+
+def _loss_and_grads(trainer, model, batch):
+    model.zero_grad(set_to_none=True)
+    n_items = (batch["labels"][..., 1:] != -100).sum()
+    loss = trainer.training_step(model, batch, num_items_in_batch=n_items)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_sparsity_off_matches_stock_trainer(tmp_path, batch_size, padding_side):
+    model, processor = tiny_llava(padding_side)
+    batch = collate(processor, make_dataset(batch_size))
+    stock_model = copy.deepcopy(model)
+    args = training_args(tmp_path)
+    stock = Trainer(model=stock_model, args=args)
+    sparse = SparseMLLMTrainer(model=model, args=args, sparse_config=SparseMLLMConfig(**OFF))
+
+    stock_loss, stock_grads = _loss_and_grads(stock, stock_model, dict(batch))
+    sparse_loss, sparse_grads = _loss_and_grads(sparse, model, dict(batch))
+
+    assert sparse_loss == pytest.approx(stock_loss, abs=1e-5)
+    assert stock_grads.keys() == sparse_grads.keys() and len(stock_grads) > 10
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_keep_all_tokens_without_isolator_matches_stock_loss(tmp_path):
+    """The sparse forward itself (span rebuild, hooks, own CE) is exact when it keeps every token."""
+    model, processor = tiny_llava("left")
+    batch = collate(processor, make_dataset(3))
+    stock_model = copy.deepcopy(model)
+    stock = Trainer(model=stock_model, args=training_args(tmp_path))
+    config = SparseMLLMConfig(token_compressor="divprune", keep_ratio=1.0, num_isolator_tokens=0, slow_mode_prob=0.0)
+    sparse = SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=config)
+    stock_loss, stock_grads = _loss_and_grads(stock, stock_model, dict(batch))
+    sparse_loss, sparse_grads = _loss_and_grads(sparse, model, dict(batch))
+    assert sparse_loss == pytest.approx(stock_loss, abs=1e-5)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def _fresh_keys(processor):
+    model, _ = tiny_llava()
+    return set(model.state_dict())
+
+
+def test_dualspeed_training_end_to_end(tmp_path, caplog):
+    model, processor = tiny_llava()
+    config = SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.1, slow_mode_prob=0.5, stage="instruction")
+    args = training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=6)
+    trainer = SparseMLLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset(12),
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+        sparse_config=config,
+    )
+    modes = [trainer.step_mode(s) for s in range(6)]
+    assert {"fast", "slow"} <= set(modes), modes
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # Parameters that get a gradient from an ordinary full-token step are the ones training must change.
+    reference = copy.deepcopy(model)
+    batch = collate(processor, make_dataset(2))
+    reference(**batch).loss.backward()
+    should_change = {n for n, p in reference.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    should_change.add("sparse_mllm_isolator.tokens")
+
+    trainer.train()
+
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert should_change <= changed, sorted(should_change - changed)
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 6
+    for key in ("sparse/visual_tokens_per_image", "sparse/seq_len", "sparse/slow_step", "sparse/samples_per_second"):
+        assert all(key in entry for entry in logs), key
+    slow_logs = [entry for entry, mode in zip(logs, modes) if mode == SLOW]
+    assert all({"sparse/teacher_ce", "sparse/student_ce", "sparse/kl"} <= entry.keys() for entry in slow_logs)
+    assert [entry["sparse/slow_step"] for entry in logs] == [float(m == SLOW) for m in modes]
+    fast = [entry for entry, mode in zip(logs, modes) if mode != SLOW]
+    assert all(entry["sparse/visual_tokens_per_image"] == 2 for entry in fast)  # round(0.1 * 16)
+
+    checkpoint = tmp_path / "out" / "checkpoint-6"
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == _fresh_keys(processor)
+    assert (checkpoint / "sparse_mllm_isolator.safetensors").is_file()
+    assert SparseMLLMConfig.from_pretrained(checkpoint).keep_ratio == 0.1
+
+    with caplog.at_level(logging.WARNING):
+        reloaded = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    assert not [r for r in caplog.records if "missing" in r.message.lower() or "unexpected" in r.message.lower()]
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], msg=name)
+
+
+def test_resume_reproduces_modes_and_losses(tmp_path):
+    config = SparseMLLMConfig(token_compressor="random", keep_ratio=0.25, slow_mode_prob=0.5, stage="instruction")
+
+    def run(output, max_steps, resume=None):
+        model, processor = tiny_llava()
+        args = training_args(tmp_path, output_dir=str(tmp_path / output), max_steps=6, save_strategy="steps", save_steps=3)
+        trainer = SparseMLLMTrainer(
+            model=model,
+            args=args,
+            train_dataset=make_dataset(24),
+            data_collator=VisionLanguageCollator(processor),
+            sparse_config=config,
+        )
+        if max_steps < 6:  # stop early as an interrupted job would
+            trainer.args.max_steps = max_steps
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+
+    full, full_logs = run("full", 6)
+    _, _ = run("interrupted", 3)
+    resumed, resumed_logs = run("interrupted", 6, resume=str(tmp_path / "interrupted" / "checkpoint-3"))
+    assert sorted(resumed_logs) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_logs[step]["loss"] == pytest.approx(full_logs[step]["loss"], abs=1e-5)
+        assert resumed_logs[step]["sparse/slow_step"] == full_logs[step]["sparse/slow_step"]
+    torch.testing.assert_close(resumed.isolator.tokens, full.isolator.tokens, atol=1e-5, rtol=0)
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    samples = make_dataset(4)
+
+    def params_after(batch_size, accumulation):
+        model, processor = tiny_llava()
+        args = training_args(
+            tmp_path,
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",  # unlike Adam, SGD's update is proportional to the gradient: a mis-scaled loss shows
+            learning_rate=0.5,
+        )
+        trainer = SparseMLLMTrainer(
+            model=model,
+            args=args,
+            train_dataset=samples,
+            data_collator=VisionLanguageCollator(processor),
+            sparse_config=SparseMLLMConfig(**OFF),
+        )
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    big, accumulated = params_after(4, 1), params_after(2, 2)
+    for name, value in big.items():
+        torch.testing.assert_close(accumulated[name], value, atol=1e-4, rtol=0, msg=name)
+
+
+def test_text_only_batches_train(tmp_path):
+    model, processor = tiny_llava()
+    samples = make_dataset(2, with_image=False) + make_dataset(2)
+    trainer = SparseMLLMTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, per_device_train_batch_size=2),
+        train_dataset=samples,
+        data_collator=VisionLanguageCollator(processor),
+        sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.5, slow_mode_prob=0.0),
+    )
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_unknown_compressor_lists_registered():
+    with pytest.raises(ValueError, match=r"token_compressor must be one of \[.*divprune.*\]"):
+        SparseMLLMConfig(token_compressor="nope")
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_keep_ratio_out_of_range(value):
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+        SparseMLLMConfig(keep_ratio=value)
+
+
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("slow_mode_prob", 1.5, "slow_mode_prob"),
+        ("stage", "pretrain", "stage must be one of"),
+        ("num_isolator_tokens", -1, "num_isolator_tokens"),
+        ("distill_temperature", 0.0, "distill_temperature"),
+        ("num_keep", 0, "num_keep"),
+    ],
+)
+def test_invalid_fields_are_named(field, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        SparseMLLMConfig(**{field: value})
+
+
+def test_num_keep_larger_than_image_fails_at_init(tmp_path):
+    model, _ = tiny_llava()
+    with pytest.raises(ValueError, match="num_keep"):
+        SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig(num_keep=17))
+
+
+def test_unsupported_model_names_supported_architectures(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"no architecture adapter.*llama.*Supported architectures: \['llava'"):
+        SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig())
+
+
+@pytest.mark.parametrize("compressor", [None, "divprune"])
+def test_placeholder_mismatch_is_a_clear_error(tmp_path, compressor):
+    model, processor = tiny_llava()
+    batch = collate(processor, make_dataset(2))
+    image_id = model.config.image_token_id
+    first = (batch["input_ids"][0] == image_id).nonzero()[0, 0]
+    batch["input_ids"][0, first] = processor.tokenizer.convert_tokens_to_ids("red")
+    trainer = SparseMLLMTrainer(
+        model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig(token_compressor=compressor)
+    )
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        trainer.training_step(model, batch, num_items_in_batch=None)
