@@ -1,0 +1,456 @@
+"""Tiny, offline LLaVA models: a word-level tokenizer, a LLaVA processor and a randomly initialised model.
+
+Nothing here downloads anything: the tokenizer is built with the `tokenizers` library from a word list, the image
+processor is the PIL backend of CLIP's (no `torchvision`), and the model is built from configs. Used by the tests, the
+demo and the benchmarks.
+
+```python
+>>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
+>>> model, processor = build_tiny_llava_and_processor("test", words=["what", "color", "red"])
+>>> model.config.image_seq_length
+16
+```
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+
+# Words the chat template writes itself; they must be in the vocabulary or they would encode as <unk>.
+TEMPLATE_WORDS = ("system", "user", "assistant")
+
+# `<s> user : <image> what color is the circle ? assistant : red </s>`. Content may be a string or a list of
+# `{"type": "image"}` / `{"type": "text", "text": ...}` blocks (TRL's conversational format). Every assistant turn
+# ends with `</s>` so the model learns to stop, and sits inside `{% generation %}` so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the answer and its `</s>`.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- ' ' + message['role'] + ' :' }}"
+    "{%- if message['content'] is string %}{%- set blocks = [{'type': 'text', 'text': message['content']}] %}"
+    "{%- else %}{%- set blocks = message['content'] %}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{%- generation %}"
+    "{%- for block in blocks %}{%- if block['type'] == 'text' %}{{- ' ' + block['text'] }}{%- endif %}{%- endfor %}"
+    "{{- ' ' + eos_token }}"
+    "{%- endgeneration %}"
+    "{%- else %}"
+    "{%- for block in blocks %}"
+    "{%- if block['type'] == 'image' %}{{- ' <image>' }}"
+    "{%- elif block['type'] == 'text' %}{{- ' ' + block['text'] }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- ' assistant :' }}{%- endif %}"
+)
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # Split on whitespace, then isolate every punctuation character: "red?" -> "red", "?".
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+
+
+def _split_words(words: Iterable[str]) -> list[str]:
+    normalizer, pre_tokenizer = normalizers.Lowercase(), _pre_tokenizer()
+    pieces = set()
+    for word in words:
+        pieces.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(word)))
+    return sorted(pieces)
+
+
+def build_word_tokenizer(
+    words: Iterable[str], *, extra_special_tokens: Iterable[str] = (), padding_side: str = "right"
+) -> PreTrainedTokenizerFast:
+    """
+    Build a lower-casing word-level tokenizer whose vocabulary is exactly the special tokens, the template words,
+    the ASCII punctuation and `words`.
+
+    Ids are deterministic for a given set of words: the special tokens come first (`<pad>`=0, `<unk>`=1, `<s>`=2,
+    `</s>`=3, `<image>`=4), then `extra_special_tokens`, then the template words, punctuation and `words` (sorted, so a
+    `set` gives the same ids in every process). Decoding joins words with spaces.
+
+    Args:
+        words (`Iterable[str]`):
+            Words of the vocabulary. They are lower-cased and split like text is (`"red?"` gives `"red"` and `"?"`);
+            duplicates are ignored. Unknown words encode as `<unk>`.
+        extra_special_tokens (`Iterable[str]`, *optional*, defaults to `()`):
+            More special tokens (never split, skipped by `decode(..., skip_special_tokens=True)`).
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side, saved with the tokenizer (setting the attribute later is not saved by `save_pretrained`).
+
+    Returns:
+        [`~transformers.PreTrainedTokenizerFast`]: the tokenizer, with `pad`/`unk`/`bos`/`eos` tokens, an
+        `image_token` attribute and the chat template set.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_word_tokenizer
+    >>> tokenizer = build_word_tokenizer(["what", "color", "red"])
+    >>> tokenizer.tokenize("What color? red")
+    ['what', 'color', '?', 'red']
+    >>> tokenizer.decode(tokenizer("what color ? red </s>", add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    'what color? red'
+    ```
+    """
+    extra = [t for t in dict.fromkeys(extra_special_tokens) if t not in SPECIAL_TOKENS]
+    specials = [*SPECIAL_TOKENS, *extra]
+    plain = [w for w in _split_words([*TEMPLATE_WORDS, *string.punctuation, *words]) if w not in specials]
+    vocab = {token: i for i, token in enumerate([*specials, *plain])}
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = _pre_tokenizer()
+    # WordPiece's decoder joins tokens with spaces (no "##" pieces exist in a word vocabulary) and tidies " ?" to "?".
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.add_special_tokens(specials)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        image_token=IMAGE_TOKEN,
+        extra_special_tokens=extra,
+        padding_side=padding_side,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_processor(
+    words: Iterable[str],
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_feature_select_strategy: str = "default",
+    padding_side: str = "right",
+) -> LlavaProcessor:
+    """
+    Build a [`~transformers.LlavaProcessor`] from a word list, offline and without `torchvision`.
+
+    The image processor is [`~transformers.CLIPImageProcessorPil`] (CLIP's PIL backend: `CLIPImageProcessor` is the
+    `torchvision` backend in `transformers` 5). Images are resized and center-cropped to `image_size`, and each
+    `<image>` in the text expands to `(image_size // patch_size) ** 2` placeholder tokens (the CLIP [CLS] token is
+    counted by `num_additional_image_tokens=1` and dropped by the `"default"` strategy).
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of the square images fed to the vision tower.
+        patch_size (`int`, *optional*, defaults to `8`):
+            Patch side of the vision tower; must divide `image_size`.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` drops the [CLS] feature, `"full"` keeps it (one more placeholder per image).
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer (`"left"` for batched generation).
+
+    Returns:
+        [`~transformers.LlavaProcessor`]: the processor, with the chat template set.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_processor
+    >>> processor = build_tiny_processor(["what", "color", "red"], image_size=32, patch_size=8)
+    >>> inputs = processor(images=[Image.new("RGB", (40, 30))], text=["<image> what color ?"], return_tensors="pt")
+    >>> inputs["pixel_values"].shape, (inputs["input_ids"] == processor.image_token_id).sum().item()
+    (torch.Size([1, 3, 32, 32]), 16)
+    ```
+    """
+    if image_size % patch_size:
+        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
+    if vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(
+            f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}"
+        )
+    tokenizer = build_word_tokenizer(words, padding_side=padding_side)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_tiny_llava(
+    processor: LlavaProcessor,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    vision_feature_layer: int = -1,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> LlavaForConditionalGeneration:
+    """
+    Build a randomly initialised [`~transformers.LlavaForConditionalGeneration`] (CLIP vision tower, Llama decoder)
+    that matches `processor`.
+
+    Vocabulary size, special token ids, image size, patch size and feature-selection strategy come from the
+    processor, so its outputs can be fed to the model as they are. The weights depend only on `seed`.
+
+    Args:
+        processor ([`~transformers.LlavaProcessor`]):
+            A processor from [`build_tiny_processor`] (or any LLaVA processor with a CLIP-style image processor).
+        hidden_size (`int`, *optional*, defaults to `64`):
+            Width of the language model.
+        intermediate_size (`int`, *optional*, defaults to `128`):
+            MLP width of the language model.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `4`):
+            Attention heads of both the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 4x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        vision_feature_layer (`int`, *optional*, defaults to `-1`):
+            Vision hidden state fed to the projector (LLaVA-1.5 uses `-2`, which leaves the last tower layer unused).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation; the global RNG state is restored afterwards.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation of both towers (`"sdpa"` or `"eager"`).
+
+    Returns:
+        [`~transformers.LlavaForConditionalGeneration`]: the model, in float32 and in eval mode.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava, build_tiny_processor
+    >>> model = build_tiny_llava(build_tiny_processor(["what", "color", "red"]), hidden_size=32, seed=1)
+    >>> model.config.text_config.hidden_size, model.config.image_token_id
+    (32, 4)
+    ```
+    """
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    image_size = image_processor.crop_size["height"]
+    patch_size = processor.patch_size
+    num_patches = (image_size // patch_size) ** 2
+    strategy = processor.vision_feature_select_strategy or "default"
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=4 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=num_attention_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        max_position_embeddings=max(2048, 4 * num_patches),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        image_seq_length=num_patches + (strategy == "full"),
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=vision_feature_layer,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    # A private generator state keeps the weights a pure function of `seed` without disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class TinyLlavaPreset:
+    """
+    Shape of a tiny LLaVA: image geometry for [`build_tiny_processor`] and widths for [`build_tiny_llava`].
+
+    Args:
+        image_size (`int`):
+            Side of the square input images.
+        patch_size (`int`):
+            Patch side; `(image_size // patch_size) ** 2` visual tokens per image.
+        hidden_size (`int`, *optional*, defaults to `64`):
+            Width of the language model.
+        intermediate_size (`int`, *optional*, defaults to `128`):
+            MLP width of the language model.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `4`):
+            Attention heads.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower.
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        vision_feature_layer (`int`, *optional*, defaults to `-1`):
+            Vision hidden state fed to the projector.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import TINY_LLAVA_PRESETS
+    >>> TINY_LLAVA_PRESETS["llava15"].num_visual_tokens
+    576
+    ```
+    """
+
+    image_size: int
+    patch_size: int
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    vision_feature_layer: int = -1
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+TINY_LLAVA_PRESETS: dict[str, TinyLlavaPreset] = {
+    # Unit tests: 16 visual tokens, a forward pass takes milliseconds.
+    "test": TinyLlavaPreset(image_size=32, patch_size=8),
+    # LLaVA-1.5's token geometry (336 px, 14 px patches, 576 tokens, features from layer -2) at tiny widths.
+    "llava15": TinyLlavaPreset(
+        image_size=336,
+        patch_size=14,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        vision_hidden_size=64,
+        vision_layers=2,
+        vision_feature_layer=-2,
+    ),  # fmt: skip
+    # A ViT-B/16-style grid: 224 px, 16 px patches, 196 tokens.
+    "vit196": TinyLlavaPreset(
+        image_size=224,
+        patch_size=16,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        vision_hidden_size=64,
+        vision_layers=2,
+        vision_feature_layer=-2,
+    ),  # fmt: skip
+}
+
+
+def build_tiny_llava_and_processor(
+    preset: str | TinyLlavaPreset = "test",
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    vision_feature_select_strategy: str = "default",
+    padding_side: str = "right",
+    attn_implementation: str = "sdpa",
+    **overrides,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """
+    Build a matching tiny LLaVA model and processor from a named preset.
+
+    Args:
+        preset (`str` or [`TinyLlavaPreset`], *optional*, defaults to `"test"`):
+            A key of `TINY_LLAVA_PRESETS` (`"test"`: 32 px / 8 px patches, 16 visual tokens; `"llava15"`: 336 / 14,
+            576 tokens; `"vit196"`: 224 / 16, 196 tokens) or a preset object.
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            See [`build_tiny_processor`].
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            See [`build_tiny_llava`].
+        **overrides:
+            Fields of [`TinyLlavaPreset`] to change, e.g. `hidden_size=128` or `image_size=96`.
+
+    Returns:
+        `tuple[LlavaForConditionalGeneration, LlavaProcessor]`: the model (eval mode) and its processor.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
+    >>> model, processor = build_tiny_llava_and_processor("vit196", words=["red"], hidden_size=32)
+    >>> model.config.image_seq_length, model.config.text_config.hidden_size
+    (196, 32)
+    ```
+    """
+    if isinstance(preset, str):
+        if preset not in TINY_LLAVA_PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(TINY_LLAVA_PRESETS)}.")
+        preset = TINY_LLAVA_PRESETS[preset]
+    fields = set(asdict(preset))
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"Unknown overrides {sorted(unknown)}; TinyLlavaPreset fields are {sorted(fields)}.")
+    shape = asdict(replace(preset, **overrides))
+    processor = build_tiny_processor(
+        words,
+        image_size=shape.pop("image_size"),
+        patch_size=shape.pop("patch_size"),
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        padding_side=padding_side,
+    )
+    model = build_tiny_llava(processor, seed=seed, attn_implementation=attn_implementation, **shape)
+    return model, processor
+
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "TINY_LLAVA_PRESETS",
+    "TinyLlavaPreset",
+    "build_tiny_llava",
+    "build_tiny_llava_and_processor",
+    "build_tiny_processor",
+    "build_word_tokenizer",
+]

@@ -1,0 +1,283 @@
+"""Offline tiny LLaVA: word tokenizer, chat template, processor, model builder and the vision-language collator."""
+
+from __future__ import annotations
+
+import doctest
+import re
+
+import pytest
+import torch
+from conftest import WORDS, make_dataset
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    LlavaForConditionalGeneration,
+)
+
+from hf_sparse_mllm import tiny
+from hf_sparse_mllm.data import collator as collator_module
+from hf_sparse_mllm.data.collator import VisionLanguageCollator
+from hf_sparse_mllm.tiny import (
+    TINY_LLAVA_PRESETS,
+    build_tiny_llava,
+    build_tiny_llava_and_processor,
+    build_tiny_processor,
+    build_word_tokenizer,
+)
+
+QUESTION = "what color is the object ?"
+
+
+def _sample(answer: str = "red", image: bool = True, question: str = QUESTION) -> dict:
+    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return {
+        "images": [Image.new("RGB", (40, 30), (200, 30, 30))] if image else [],
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def built():
+    return build_tiny_llava_and_processor("test", words=WORDS)
+
+
+@pytest.fixture
+def processor(built):
+    _, processor = built
+    processor.tokenizer.padding_side = "right"
+    yield processor
+    processor.tokenizer.padding_side = "right"
+
+
+def test_word_tokenizer_round_trip():
+    tokenizer = build_word_tokenizer(["What", "color", "red?", "circle"])
+    assert tokenizer.tokenize("What COLOR is the circle? red") == [
+        "what",
+        "color",
+        "<unk>",
+        "<unk>",
+        "circle",
+        "?",
+        "red",
+    ]
+    ids = tokenizer("what color ? red </s>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "what color? red"
+    assert tokenizer.convert_ids_to_tokens(ids)[-1] == "</s>"
+    specials = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    assert specials == [0, 1, 2, 3] and tokenizer.image_token == "<image>" and tokenizer.image_token_id == 4
+    assert tokenizer.tokenize("<image><image> red") == ["<image>", "<image>", "red"]
+    # Ids do not depend on the order (or the hash seed of a set) of the words.
+    assert (
+        build_word_tokenizer({"red", "circle", "what"}).get_vocab()
+        == build_word_tokenizer(["what", "circle", "red", "red"]).get_vocab()
+    )
+
+
+def test_extra_special_tokens_are_kept_whole_and_skipped():
+    tokenizer = build_word_tokenizer(["red"], extra_special_tokens=["<isolator>"])
+    ids = tokenizer("red<isolator>red", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["red", "<isolator>", "red"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "red red"
+
+
+def test_chat_template(processor):
+    messages = _sample("a red square")["messages"]
+    assert processor.apply_chat_template(messages) == (
+        "<s> user : <image> what color is the object ? assistant : a red square </s>"
+    )
+    assert processor.apply_chat_template(messages[:1], add_generation_prompt=True).endswith("? assistant :")
+    plain = [{"role": "user", "content": "is the object red ?"}, {"role": "assistant", "content": "yes"}]
+    assert (
+        processor.tokenizer.apply_chat_template(plain, tokenize=False)
+        == "<s> user : is the object red ? assistant : yes </s>"
+    )
+    ids = processor.tokenizer.apply_chat_template(plain, tokenize=True, return_dict=False)
+    assert processor.tokenizer.unk_token_id not in ids
+
+
+def test_processor_save_and_reload(tmp_path):
+    processor = build_tiny_processor(WORDS, padding_side="left")
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is type(processor) and isinstance(reloaded.image_processor, CLIPImageProcessorPil)
+    assert reloaded.tokenizer.padding_side == "left" and reloaded.chat_template == processor.chat_template
+    assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    samples = [_sample(), _sample("green", question="what is the color ?")]
+    texts = [processor.apply_chat_template(s["messages"]) for s in samples]
+    images = [s["images"][0] for s in samples]
+    expected = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    actual = reloaded(text=texts, images=images, padding=True, return_tensors="pt")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(
+        VisionLanguageCollator(reloaded)(samples)["labels"], VisionLanguageCollator(processor)(samples)["labels"]
+    )
+
+
+@pytest.mark.parametrize(
+    "image_size, patch_size, strategy, expected",
+    [(32, 8, "default", 16), (48, 16, "default", 9), (32, 8, "full", 17)],
+)
+def test_image_placeholder_count(image_size, patch_size, strategy, expected):
+    processor = build_tiny_processor(
+        WORDS, image_size=image_size, patch_size=patch_size, vision_feature_select_strategy=strategy
+    )
+    model = build_tiny_llava(processor, hidden_size=32, intermediate_size=64, num_hidden_layers=1, vision_layers=1)
+    assert model.config.image_seq_length == expected
+    two_images = _sample()
+    two_images["images"].append(Image.new("RGB", (64, 64)))
+    two_images["messages"][0]["content"].insert(0, {"type": "image"})
+    batch = VisionLanguageCollator(processor)([_sample(), two_images])
+    assert batch["pixel_values"].shape == (3, 3, image_size, image_size)
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [expected, 2 * expected]
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def _answer_tokens(tokenizer, labels: torch.Tensor) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collator_forward_and_answer_only_labels(built, processor, padding_side):
+    model, _ = built
+    processor.tokenizer.padding_side = padding_side
+    answers = ["red", "a blue circle", "no"]
+    samples = [_sample(answers[0]), _sample(answers[1], question="what is the object ?"), _sample(answers[2])]
+    batch = VisionLanguageCollator(processor)(samples)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.unique().numel() > 1  # the batch really is padded
+    pad_columns = batch["attention_mask"][:, 0 if padding_side == "left" else -1] == 0
+    assert pad_columns.any()
+    for row, answer in enumerate(answers):
+        assert _answer_tokens(processor.tokenizer, batch["labels"][row]) == [*answer.split(), "</s>"]
+        # Padding is where the tokenizer puts it, and the real tokens are contiguous.
+        real = batch["attention_mask"][row].nonzero().flatten()
+        assert (real.diff() == 1).all()
+        assert batch["input_ids"][row][batch["attention_mask"][row] == 0].eq(processor.tokenizer.pad_token_id).all()
+    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
+
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape == (*batch["input_ids"].shape, len(processor.tokenizer))
+
+
+def test_left_and_right_padding_hold_the_same_tokens(processor):
+    samples = make_dataset(3)
+    right = VisionLanguageCollator(processor)(samples)
+    processor.tokenizer.padding_side = "left"
+    left = VisionLanguageCollator(processor)(samples)
+    torch.testing.assert_close(left["pixel_values"], right["pixel_values"])
+    for key in ("input_ids", "labels"):
+        for row in range(3):
+            assert left[key][row][left["attention_mask"][row].bool()].tolist() == (
+                right[key][row][right["attention_mask"][row].bool()].tolist()
+            )
+
+
+def test_text_only_and_mixed_batches(built, processor):
+    model, _ = built
+    text_only = VisionLanguageCollator(processor)(make_dataset(2, with_image=False))
+    assert "pixel_values" not in text_only
+    assert (text_only["input_ids"] != processor.image_token_id).all()
+    mixed_samples = [_sample(image=False), _sample("green"), _sample("blue", image=False)]
+    mixed = VisionLanguageCollator(processor)(mixed_samples)
+    assert mixed["pixel_values"].shape[0] == 1
+    assert (mixed["input_ids"] == processor.image_token_id).sum(1).tolist() == [0, 16, 0]
+    assert _answer_tokens(processor.tokenizer, mixed["labels"][2]) == ["blue", "</s>"]
+    with torch.no_grad():
+        for batch in (text_only, mixed):
+            assert torch.isfinite(model(**batch).loss)
+
+
+def test_collator_max_length(processor):
+    samples = [_sample("a red circle")]
+    full = VisionLanguageCollator(processor)(samples)
+    cut = VisionLanguageCollator(processor, max_length=full["input_ids"].shape[1] - 2)(samples)
+    assert _answer_tokens(processor.tokenizer, cut["labels"][0]) == ["a", "red"]
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\]; use max_length >= 19"):
+        VisionLanguageCollator(processor, max_length=10)([_sample(image=False), *samples])
+
+
+def test_collator_rejects_template_without_generation_markers():
+    processor = build_tiny_processor(WORDS)
+    processor.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="generation"):
+        VisionLanguageCollator(processor)
+
+
+def test_model_is_deterministic_and_round_trips(tmp_path, built, processor):
+    model, _ = built
+    again = build_tiny_llava(processor, seed=0)
+    other = build_tiny_llava(processor, seed=1)
+    state, state_other = model.state_dict(), other.state_dict()
+    assert all(torch.equal(t, again.state_dict()[n]) for n, t in state.items())
+    assert not torch.equal(state["lm_head.weight"], state_other["lm_head.weight"])
+
+    batch = VisionLanguageCollator(processor)(make_dataset(2))
+    model.save_pretrained(tmp_path)
+    for cls in (LlavaForConditionalGeneration, AutoModelForImageTextToText):
+        reloaded = cls.from_pretrained(tmp_path)
+        assert type(reloaded) is LlavaForConditionalGeneration
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_greedy_generate_decodes_to_words(built, processor):
+    model, _ = built
+    processor.tokenizer.padding_side = "left"
+    prompts = [_sample()["messages"][:1], _sample(question="what is the object ?")["messages"][:1]]
+    texts = [processor.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    images = [Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]
+    assert new_tokens.shape == (2, 4)
+    vocabulary = set(processor.tokenizer.get_vocab())
+    for text in processor.batch_decode(new_tokens, skip_special_tokens=True):
+        assert isinstance(text, str) and all(word in vocabulary for word in text.split())
+    again = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(out, again)
+
+
+def test_presets_and_overrides():
+    assert {name: preset.num_visual_tokens for name, preset in TINY_LLAVA_PRESETS.items()} == {
+        "test": 16,
+        "llava15": 576,
+        "vit196": 196,
+    }
+    model, processor = build_tiny_llava_and_processor(
+        "llava15", words=WORDS, hidden_size=32, intermediate_size=64, num_hidden_layers=1, attn_implementation="eager"
+    )
+    config = model.config
+    assert config.image_seq_length == 576 and config.vision_feature_layer == -2
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (336, 14)
+    assert config.text_config.hidden_size == 32 and config.text_config._attn_implementation == "eager"
+    assert processor.image_processor.crop_size == {"height": 336, "width": 336}
+    with pytest.raises(TypeError, match="hidden_sise"):
+        build_tiny_llava_and_processor("test", words=WORDS, hidden_sise=8)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        build_tiny_llava_and_processor("llava16", words=WORDS)
+
+
+@pytest.mark.parametrize("module", [tiny, collator_module], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    class FencedParser(doctest.DocTestParser):
+        """Ignore the ```python fences around HF-style examples."""
+
+        def parse(self, string, name="<string>"):
+            return super().parse(re.sub(r"(?m)^[ \t]*```.*$", "", string), name)
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder(parser=FencedParser()).find(module):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0 and results.failed == 0
