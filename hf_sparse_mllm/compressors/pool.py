@@ -1,0 +1,121 @@
+"""Average pooling on the 2-D patch grid: the parameter-free baseline (e.g. 2x2 stride 2: 576 -> 144 tokens)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import (
+    TokenCompressor,
+    _check_keep_ratio,
+    _check_num_keep,
+    _check_num_tokens,
+    register_compressor,
+    resolve_grid_size,
+)
+
+
+def pool_window(rows: int, cols: int, k: int) -> tuple[int, int] | None:
+    """The `(window_rows, window_cols)` pooling window (stride = window, ceil mode) that turns the grid into `k` cells.
+
+    Square `s x s` windows come first, with the smallest stride `s` that gives `k` cells (the most even windows;
+    edge windows may be partial). Otherwise a rectangular window that tiles the grid exactly, the one closest to
+    square. `None` when `k` cells cannot be made.
+    """
+    for s in range(1, max(rows, cols) + 1):
+        if math.ceil(rows / s) * math.ceil(cols / s) == k:
+            return min(s, rows), min(s, cols)
+    best, best_key = None, None
+    for h in range(1, rows + 1):
+        if rows % h or k % h or cols % (k // h):
+            continue
+        window = (rows // h, cols // (k // h))
+        key = (abs(math.log(window[0] / window[1])), -h)
+        if best_key is None or key < best_key:
+            best, best_key = window, key
+    return best
+
+
+def valid_pool_budgets(rows: int, cols: int) -> list[int]:
+    """Every number of tokens that pooling a `rows x cols` grid can produce."""
+    budgets = {math.ceil(rows / s) * math.ceil(cols / s) for s in range(1, max(rows, cols) + 1)}
+    budgets |= {h * w for h in range(1, rows + 1) if rows % h == 0 for w in range(1, cols + 1) if cols % w == 0}
+    return sorted(budgets)
+
+
+@register_compressor("pool")
+class PoolCompressor(TokenCompressor):
+    """Average pooling of the projected features on the `(rows, cols)` patch grid.
+
+    `compress` returns the pooled features (`torch.nn.functional.avg_pool2d` with stride equal to the window and
+    `ceil_mode=True`, so partial edge windows average the patches they cover); the kept "tokens" are new averaged
+    vectors, not a subset. `select` (calling the compressor) returns one index per output cell, the top-left patch of
+    its window, for callers that need indices. Only budgets that form a pooled grid are achievable: from
+    `keep_ratio`, the stride is `s = max(1, round(sqrt(1 / keep_ratio)))` and `k = ceil(rows / s) * ceil(cols / s)`
+    (keep_ratio=0.25 on 24x24 -> 144); an explicit `num_keep` must be such a grid (see [`pool_window`]), otherwise
+    `ValueError` lists the valid budgets. Needs `grid_size` in the context unless the token count is a perfect square.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_sparse_mllm.compressors import get_compressor
+    >>> pool = get_compressor("pool")
+    >>> features = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 grid, one channel
+    >>> k = pool.budget(num_tokens=16, keep_ratio=0.25)
+    >>> pool.compress(features, k).flatten().tolist()
+    [2.5, 4.5, 10.5, 12.5]
+    >>> pool(features, k)
+    tensor([[ 0,  2,  8, 10]])
+
+    ```
+    """
+
+    def budget(
+        self,
+        num_tokens: int,
+        keep_ratio: float = 1.0,
+        num_keep: int | None = None,
+        grid_size: tuple[int, int] | None = None,
+    ) -> int:
+        num_tokens = _check_num_tokens(num_tokens)
+        rows, cols = resolve_grid_size(num_tokens, grid_size)
+        if num_keep is not None:
+            num_keep = _check_num_keep(num_keep, num_tokens)
+            self._window(rows, cols, num_keep, argument="num_keep")
+            return num_keep
+        _check_keep_ratio(keep_ratio)
+        stride = max(1, round(math.sqrt(1 / keep_ratio)))
+        return math.ceil(rows / stride) * math.ceil(cols / stride)
+
+    def select(self, features: torch.Tensor, k: int, **context) -> torch.LongTensor:
+        rows, cols = resolve_grid_size(features.shape[1], context.get("grid_size"))
+        window_rows, window_cols = self._window(rows, cols, k)
+        top = torch.arange(0, rows, window_rows, device=features.device)
+        left = torch.arange(0, cols, window_cols, device=features.device)
+        indices = (top[:, None] * cols + left[None, :]).flatten()
+        return indices.expand(features.shape[0], k)
+
+    def compress(self, features: torch.Tensor, k: int, **context) -> torch.Tensor:
+        k = self._check_inputs(features, k)
+        num_images, num_tokens, dim = features.shape
+        rows, cols = resolve_grid_size(num_tokens, context.get("grid_size"))
+        window = self._window(rows, cols, k)
+        if k == num_tokens:
+            return features
+        if num_images == 0:
+            return features.new_empty(0, k, dim)
+        grid = features.transpose(1, 2).reshape(num_images, dim, rows, cols)
+        pooled = F.avg_pool2d(grid, kernel_size=window, stride=window, ceil_mode=True)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def _window(self, rows: int, cols: int, k: int, argument: str = "k") -> tuple[int, int]:
+        window = pool_window(rows, cols, k)
+        if window is None:
+            raise ValueError(
+                f"The pool compressor cannot make {argument}={k} tokens from a {rows}x{cols} patch grid; "
+                f"valid budgets are {valid_pool_budgets(rows, cols)}."
+            )
+        return window
