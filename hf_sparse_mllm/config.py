@@ -66,7 +66,9 @@ class SparseMLLMConfig(PreTrainedConfig):
 
     token_compressor: str | None = field(
         default="divprune",
-        metadata={"help": "Registered visual token compressor (divprune, pool, random, redundancy, cls_attention) or None."},
+        metadata={
+            "help": "Registered visual token compressor (divprune, pool, random, redundancy, cls_attention) or None."
+        },
     )
     keep_ratio: float | int = field(
         default=0.25, metadata={"help": "Fraction of visual tokens kept per image on fast steps, in (0, 1]."}

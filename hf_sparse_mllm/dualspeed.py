@@ -78,7 +78,9 @@ def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def distillation_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_kl_sum(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Sum over positions of KL(teacher || student) at `temperature`, times temperature**2, in float32."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)

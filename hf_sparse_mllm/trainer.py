@@ -15,7 +15,9 @@ from collections import defaultdict
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .adapters import SparsePlan, get_adapter
 from .compressors import get_compressor
@@ -118,7 +120,10 @@ class SparseMLLMTrainer(Trainer):
             if self.isolator is None:
                 embed = model.get_input_embeddings().weight
                 self.isolator = ModeIsolator(
-                    sparse_config.num_isolator_tokens, self.adapter.hidden_size(), sparse_config.seed, dtype=embed.dtype
+                    sparse_config.num_isolator_tokens,
+                    self.adapter.hidden_size(),
+                    sparse_config.seed,
+                    dtype=embed.dtype,
                 ).to(embed.device)
                 model.add_module("sparse_mllm_isolator", self.isolator)
 
@@ -289,7 +294,9 @@ class SparseMLLMTrainer(Trainer):
                 if count:
                     logs[f"sparse/{key}"] = round(stats[i] / count, 4)
             now = time.perf_counter()
-            logs["sparse/samples_per_second"] = round(stats[len(METRIC_KEYS)] / max(now - self._last_log_time, 1e-9), 3)
+            logs["sparse/samples_per_second"] = round(
+                stats[len(METRIC_KEYS)] / max(now - self._last_log_time, 1e-9), 3
+            )
             self._last_log_time = now
             self._samples_since_log = 0
             self._metric_sums.clear()
@@ -308,17 +315,47 @@ class SparseMLLMTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         if self.isolator is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             os.makedirs(folder, exist_ok=True)
-            save_file({"tokens": self.isolator.tokens.detach().cpu().contiguous()}, os.path.join(folder, ISOLATOR_FILE))
+            save_file(
+                {"tokens": self.isolator.tokens.detach().cpu().contiguous()}, os.path.join(folder, ISOLATOR_FILE)
+            )
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        state_dict = load_file(weights) if os.path.isfile(weights) and not self.is_fsdp_enabled else None
+        mapped = _checkpoint_to_module_keys(model, state_dict) if state_dict is not None else None
+        if mapped is not None:
+            self._issue_warnings_after_load(model.load_state_dict(mapped, strict=False))
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, ISOLATOR_FILE)
         if self.isolator is not None:
             if not os.path.isfile(path):
-                logger.warning("No %s in %s: the mode isolator restarts from its initial value.", ISOLATOR_FILE, resume_from_checkpoint)
+                logger.warning(
+                    "No %s in %s: the mode isolator restarts from its initial value.",
+                    ISOLATOR_FILE,
+                    resume_from_checkpoint,
+                )
                 return
             with torch.no_grad():
                 self.isolator.tokens.copy_(load_file(path)["tokens"])
+
+
+def _checkpoint_to_module_keys(model, state_dict: dict) -> dict | None:
+    """Rename a checkpoint written by `save_pretrained` back to the model's module names.
+
+    `save_pretrained` writes some architectures (Llava among them) in their legacy key layout, but `Trainer` resumes
+    with a plain `load_state_dict`, which then matches no key and silently keeps the current weights. Returns `None`
+    when the mapping is not a pure renaming (the stock loader is used then).
+    """
+    own = model.state_dict()
+    module_key = {id(tensor): key for key, tensor in own.items()}
+    saved_to_module = {saved: module_key.get(id(t)) for saved, t in revert_weight_conversion(model, dict(own)).items()}
+    if None in saved_to_module.values() or not set(state_dict) <= set(saved_to_module):
+        return None
+    return {saved_to_module[key]: tensor for key, tensor in state_dict.items()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import collate, make_dataset, tiny_llava, training_args
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, Trainer
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, Trainer, TrainerCallback
 
 from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
@@ -60,9 +60,12 @@ def test_keep_all_tokens_without_isolator_matches_stock_loss(tmp_path):
         torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=0, msg=name)
 
 
-def _fresh_keys(processor):
+def _fresh_checkpoint_keys(tmp_path):
+    """Keys a freshly built model writes (transformers maps Llava's module names to its checkpoint layout)."""
     model, _ = tiny_llava()
-    return set(model.state_dict())
+    model.save_pretrained(tmp_path / "fresh")
+    with safe_open(tmp_path / "fresh" / "model.safetensors", "pt") as f:
+        return set(f.keys())
 
 
 def test_dualspeed_training_end_to_end(tmp_path, caplog):
@@ -105,7 +108,7 @@ def test_dualspeed_training_end_to_end(tmp_path, caplog):
 
     checkpoint = tmp_path / "out" / "checkpoint-6"
     with safe_open(checkpoint / "model.safetensors", "pt") as f:
-        assert set(f.keys()) == _fresh_keys(processor)
+        assert set(f.keys()) == _fresh_checkpoint_keys(tmp_path)
     assert (checkpoint / "sparse_mllm_isolator.safetensors").is_file()
     assert SparseMLLMConfig.from_pretrained(checkpoint).keep_ratio == 0.1
 
@@ -116,12 +119,23 @@ def test_dualspeed_training_end_to_end(tmp_path, caplog):
         torch.testing.assert_close(tensor, model.state_dict()[name], msg=name)
 
 
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
 def test_resume_reproduces_modes_and_losses(tmp_path):
     config = SparseMLLMConfig(token_compressor="random", keep_ratio=0.25, slow_mode_prob=0.5, stage="instruction")
 
     def run(output, max_steps, resume=None):
         model, processor = tiny_llava()
-        args = training_args(tmp_path, output_dir=str(tmp_path / output), max_steps=6, save_strategy="steps", save_steps=3)
+        args = training_args(
+            tmp_path, output_dir=str(tmp_path / output), max_steps=6, save_strategy="steps", save_steps=3
+        )
         trainer = SparseMLLMTrainer(
             model=model,
             args=args,
@@ -129,15 +143,16 @@ def test_resume_reproduces_modes_and_losses(tmp_path):
             data_collator=VisionLanguageCollator(processor),
             sparse_config=config,
         )
-        if max_steps < 6:  # stop early as an interrupted job would
-            trainer.args.max_steps = max_steps
+        if max_steps < 6:  # the same 6-step job, killed after `max_steps` steps
+            trainer.add_callback(_StopAt(max_steps))
         trainer.train(resume_from_checkpoint=resume)
         return trainer, {e["step"]: e for e in trainer.state.log_history if "loss" in e}
 
     full, full_logs = run("full", 6)
     _, _ = run("interrupted", 3)
     resumed, resumed_logs = run("interrupted", 6, resume=str(tmp_path / "interrupted" / "checkpoint-3"))
-    assert sorted(resumed_logs) == [4, 5, 6]
+    assert sorted(resumed_logs) == [1, 2, 3, 4, 5, 6]  # 1-3 come from the checkpoint's trainer_state.json
+    assert {full_logs[s]["sparse/slow_step"] for s in range(1, 7)} == {0.0, 1.0}
     for step in (4, 5, 6):
         assert resumed_logs[step]["loss"] == pytest.approx(full_logs[step]["loss"], abs=1e-5)
         assert resumed_logs[step]["sparse/slow_step"] == full_logs[step]["sparse/slow_step"]
@@ -223,7 +238,9 @@ def test_num_keep_larger_than_image_fails_at_init(tmp_path):
 
 
 def test_unsupported_model_names_supported_architectures(tmp_path):
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match=r"no architecture adapter.*llama.*Supported architectures: \['llava'"):
         SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig())
 

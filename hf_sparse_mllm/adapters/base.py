@@ -240,6 +240,14 @@ def shrink_image_spans(
                 gathered = torch.cat([filler, gathered] if left_padded else [gathered, filler])
             rows.append(gathered)
         out[key] = torch.stack(rows)
+    if out.get("attention_mask") is not None:
+        # Columns that are padding in every row only cost compute.
+        used = out["attention_mask"].bool().any(0).nonzero().flatten()
+        if len(used) and (used[0] > 0 or used[-1] < new_len - 1):
+            lo, hi = int(used[0]), int(used[-1]) + 1
+            for key, value in out.items():
+                if isinstance(value, torch.Tensor) and value.shape[:2] == (batch, new_len) and key != "position_ids":
+                    out[key] = value[:, lo:hi]
     if "position_ids" in inputs:
         mask = out.get("attention_mask", torch.ones_like(out["input_ids"]))
         out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)

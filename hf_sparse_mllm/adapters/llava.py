@@ -71,11 +71,15 @@ class LlavaAdapter(ArchitectureAdapter):
             return []
         layer_index = self._selected_vision_layer()
         if layer_index < 0:
-            raise ValueError("cls_attention needs vision_feature_layer to select an encoder layer, not the embeddings.")
+            raise ValueError(
+                "cls_attention needs vision_feature_layer to select an encoder layer, not the embeddings."
+            )
         tower = self.model.model.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
         if encoder is None or not hasattr(encoder.layers[layer_index].self_attn, "q_proj"):
-            raise ValueError(f"cls_attention needs a CLIP/SigLIP-style vision tower with a CLS token, got {type(tower).__name__}.")
+            raise ValueError(
+                f"cls_attention needs a CLIP/SigLIP-style vision tower with a CLS token, got {type(tower).__name__}."
+            )
         attention = encoder.layers[layer_index].self_attn
         drop_cls = self.model.config.vision_feature_select_strategy == "default"
 
