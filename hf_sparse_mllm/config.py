@@ -49,8 +49,25 @@ class SparseMLLMConfig(PreTrainedConfig):
             `"alignment"` (projector training, language model frozen: fast steps only), `"instruction"` (fast/slow
             alternation) or `"auto"` (alignment when no language-model parameter requires grad).
         seed (`int`, *optional*, defaults to `42`):
-            Seed of every sparse decision (step mode, random selection). Decisions are pure functions of this seed
-            and the optimizer step, so they agree across processes and after resuming.
+            Seed of every sparse decision (step mode, random selection, skipped layers). Decisions are pure functions
+            of this seed and the optimizer step, so they agree across processes and after resuming.
+        layer_skip_policy (`str` or `None`, *optional*, defaults to `None`):
+            Registered layer-skip policy (`"stochastic"`, `"redundancy"`, `"fixed"`) or `None` to run every decoder
+            layer. Skipped layers are not executed (no forward, no activations, no gradient) on fast steps; slow steps
+            and their teacher always run at full depth.
+        skip_ratio (`float`, *optional*, defaults to `0.25`):
+            `redundancy` policy: fraction of the decoder layers skipped per step, in [0, 1).
+        max_skip_prob (`float`, *optional*, defaults to `0.5`):
+            `stochastic` policy: skip probability of the deepest skippable layer, in [0, 1); it rises linearly with depth.
+        protect_layers (`int`, *optional*, defaults to `1`):
+            The first and last `protect_layers` decoder layers are never skipped (at most half the depth).
+        measure_every (`int`, *optional*, defaults to `100`):
+            `redundancy` policy: every `measure_every` optimizer steps a full-depth step measures layer redundancy.
+        skip_layers (`list[int]` or `None`, *optional*, defaults to `None`):
+            `fixed` policy: the decoder layer indices skipped on every fast step.
+        stage_aware (`bool`, *optional*, defaults to `True`):
+            Apply each kind of sparsity in its STS stage only: layer skipping and slow steps in the instruction stage,
+            token compression in both. `False` applies every enabled component in every stage.
 
     Example:
 
@@ -85,7 +102,28 @@ class SparseMLLMConfig(PreTrainedConfig):
     distill_weight: float | int = field(default=1.0, metadata={"help": "Weight of the KL distillation term."})
     distill_temperature: float | int = field(default=1.0, metadata={"help": "Temperature of the distillation."})
     stage: str = field(default="auto", metadata={"help": "Training stage: alignment, instruction or auto."})
-    seed: int = field(default=42, metadata={"help": "Seed of all sparse decisions (mode, random selection)."})
+    seed: int = field(default=42, metadata={"help": "Seed of all sparse decisions (mode, selection, skipped layers)."})
+    layer_skip_policy: str | None = field(
+        default=None,
+        metadata={"help": "Layer-skip policy (stochastic, redundancy, fixed) or None to run every layer."},
+    )
+    skip_ratio: float | int = field(
+        default=0.25, metadata={"help": "redundancy policy: fraction of decoder layers skipped per step, in [0, 1)."}
+    )
+    max_skip_prob: float | int = field(
+        default=0.5,
+        metadata={"help": "stochastic policy: skip probability of the deepest skippable layer, in [0, 1)."},
+    )
+    protect_layers: int = field(default=1, metadata={"help": "First and last N decoder layers are never skipped."})
+    measure_every: int = field(
+        default=100, metadata={"help": "redundancy policy: optimizer steps between full-depth measurements."}
+    )
+    skip_layers: list[int] | None = field(
+        default=None, metadata={"help": "fixed policy: decoder layer indices skipped on every fast step."}
+    )
+    stage_aware: bool = field(
+        default=True, metadata={"help": "Skip layers and take slow steps only in the instruction stage."}
+    )
     sparse_mllm_version: str = field(
         default=__version__, metadata={"help": "Version of hf-sparse-mllm that wrote this config."}
     )
@@ -111,7 +149,44 @@ class SparseMLLMConfig(PreTrainedConfig):
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}.")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}.")
+        self._validate_skipping()
         super().__post_init__(**kwargs)
+
+    def _validate_skipping(self) -> None:
+        from .skipping import list_skip_policies
+
+        if self.layer_skip_policy is not None and self.layer_skip_policy not in list_skip_policies():
+            raise ValueError(
+                f"layer_skip_policy must be one of {list_skip_policies()} or None, got {self.layer_skip_policy!r}."
+            )
+        if not 0 <= self.skip_ratio < 1:
+            raise ValueError(f"skip_ratio must be in [0, 1), got {self.skip_ratio}.")
+        if not 0 <= self.max_skip_prob < 1:
+            raise ValueError(f"max_skip_prob must be in [0, 1), got {self.max_skip_prob}.")
+        if self.protect_layers < 0:
+            raise ValueError(f"protect_layers must be >= 0, got {self.protect_layers}.")
+        if self.measure_every < 1:
+            raise ValueError(f"measure_every must be >= 1, got {self.measure_every}.")
+        if self.layer_skip_policy == "fixed" and not self.skip_layers:
+            raise ValueError("layer_skip_policy='fixed' needs skip_layers, a non-empty list of decoder layer indices.")
+        if self.skip_layers is not None and any(i < 0 for i in self.skip_layers):
+            raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers}.")
+
+    def check_decoder_depth(self, num_layers: int) -> None:
+        """Checks that need the model's decoder depth (called by the trainer)."""
+        if self.layer_skip_policy is None:
+            return
+        if 2 * self.protect_layers > num_layers:
+            raise ValueError(
+                f"protect_layers={self.protect_layers} protects more than the {num_layers} decoder layers "
+                f"(at most half the depth, {num_layers // 2}, is allowed)."
+            )
+        if self.layer_skip_policy == "fixed":
+            bad = [i for i in self.skip_layers if i >= num_layers]
+            if bad:
+                raise ValueError(
+                    f"skip_layers {bad} are out of range for a decoder with {num_layers} layers (0..{num_layers - 1})."
+                )
 
     @property
     def compression_enabled(self) -> bool:

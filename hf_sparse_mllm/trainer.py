@@ -7,6 +7,8 @@ from the seed and `state.global_step`) -> `compute_loss` (plain, fast or slow fo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ from .dualspeed import (
     FAST,
     SLOW,
     STREAM_SELECTION,
+    STREAM_SKIP,
     ModeIsolator,
     distillation_kl_sum,
     next_token_targets,
@@ -33,11 +36,14 @@ from .dualspeed import (
     step_random,
     token_ce_sum,
 )
+from .skipping import bypass_layers, get_skip_policy, measure_layer_redundancy
 
 logger = logging.getLogger(__name__)
 
 ISOLATOR_FILE = "sparse_mllm_isolator.safetensors"
+SPARSE_STATE_FILE = "sparse_mllm_state.json"
 METRIC_KEYS = (
+    "skipped_layers",
     "visual_tokens_per_image",
     "seq_len",
     "slow_step",
@@ -126,6 +132,10 @@ class SparseMLLMTrainer(Trainer):
                     dtype=embed.dtype,
                 ).to(embed.device)
                 model.add_module("sparse_mllm_isolator", self.isolator)
+        self.skip_policy = None
+        if sparse_config.layer_skip_policy is not None:
+            sparse_config.check_decoder_depth(len(self.adapter.decoder_layers()))
+            self.skip_policy = get_skip_policy(sparse_config.layer_skip_policy)
 
         if args is None:
             args = TrainingArguments(output_dir="trainer_output")
@@ -141,13 +151,18 @@ class SparseMLLMTrainer(Trainer):
         self._metric_counts = defaultdict(int)
         self._samples_since_log = 0
         self._last_log_time = time.perf_counter()
+        self._redundancy: list[float] | None = None  # last measured per-layer input/output similarity
+        self._skip_counts = [0] * len(self.adapter.decoder_layers())
+        self._counted_step = -1
         logger.info(
-            "SparseMLLMTrainer: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s",
+            "SparseMLLMTrainer: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s "
+            "layer_skip_policy=%s",
             self.stage,
             sparse_config.token_compressor,
             sparse_config.num_keep or sparse_config.keep_ratio,
             self.effective_slow_mode_prob,
             sparse_config.num_isolator_tokens if self.isolator is not None else 0,
+            sparse_config.layer_skip_policy if self.layer_skipping_active else None,
         )
 
     def _resolve_stage(self, stage: str) -> str:
@@ -158,14 +173,45 @@ class SparseMLLMTrainer(Trainer):
 
     @property
     def effective_slow_mode_prob(self) -> float:
-        """Slow steps only happen in the instruction stage, and only when there is a fast mode to distil from."""
-        if self.compressor is None or self.stage == "alignment":
+        """Slow steps need a fast mode to distil from, and (stage-aware) happen in the instruction stage only."""
+        if self.compressor is None or (self.sparse_config.stage_aware and self.stage == "alignment"):
             return 0.0
         return float(self.sparse_config.slow_mode_prob)
+
+    @property
+    def layer_skipping_active(self) -> bool:
+        """Layer skipping (stage-aware) belongs to the instruction stage, where the language model is trained."""
+        return self.skip_policy is not None and not (self.sparse_config.stage_aware and self.stage == "alignment")
 
     def step_mode(self, step: int) -> str:
         """The mode (`"fast"` or `"slow"`) of optimizer step `step`: a pure function of the seed and the step."""
         return step_mode(self.sparse_config.seed, step, self.effective_slow_mode_prob)
+
+    def is_measuring_step(self, step: int) -> bool:
+        """Full-depth steps on which a measuring policy (`redundancy`) records layer redundancy."""
+        return (
+            self.layer_skipping_active
+            and self.skip_policy.needs_measurement
+            and step % self.sparse_config.measure_every == 0
+        )
+
+    def skipped_layers(self, step: int, mode: str | None = None) -> tuple[int, ...]:
+        """Decoder layers not run on optimizer step `step`: a pure function of the seed, the step and the last
+        measured redundancy. Slow steps (and their teacher) and measuring steps run at full depth."""
+        mode = self.step_mode(step) if mode is None else mode
+        if not self.layer_skipping_active or mode == SLOW or self.is_measuring_step(step):
+            return ()
+        config = self.sparse_config
+        return self.skip_policy.decide(
+            step,
+            len(self.adapter.decoder_layers()),
+            rng=step_random(config.seed, STREAM_SKIP, step),
+            redundancy=self._redundancy,
+            skip_ratio=config.skip_ratio,
+            max_skip_prob=config.max_skip_prob,
+            protect_layers=config.protect_layers,
+            skip_layers=config.skip_layers,
+        )
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -173,13 +219,43 @@ class SparseMLLMTrainer(Trainer):
         step = self.state.global_step
         if step != self._context_step:
             self._context_step, self._micro_step = step, 0
-        self._step_context = {"step": step, "micro": self._micro_step, "mode": self.step_mode(step)}
+        mode = self.step_mode(step)
+        skip = self.skipped_layers(step, mode)
+        self._step_context = {"step": step, "micro": self._micro_step, "mode": mode, "skip": skip}
         self._samples_since_log += int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else 0
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._step_context = None
-            self._micro_step += 1
+        if self.layer_skipping_active:
+            self._record("skipped_layers", len(skip))
+            if step != self._counted_step:  # the histogram counts optimizer steps, not micro-batches
+                self._counted_step = step
+                for layer in skip:
+                    self._skip_counts[layer] += 1
+        layers = self.adapter.decoder_layers()
+        measured: dict[int, list[float]] = {}
+        with contextlib.ExitStack() as stack:
+            # The bypass spans forward and backward: activation checkpointing replays forwards during backward.
+            stack.enter_context(bypass_layers(layers, skip))
+            if self.is_measuring_step(step):
+                stack.enter_context(measure_layer_redundancy(layers, measured))
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._step_context = None
+                self._micro_step += 1
+        if measured:
+            self._update_redundancy(measured)
+        return loss
+
+    def _update_redundancy(self, measured: dict[int, list[float]]) -> None:
+        """Average the measurement over this process's forward passes, then over processes, so every process holds
+        the same values and therefore takes the same skip decisions."""
+        local = torch.tensor(
+            [sum(measured.get(i, [0.0])) / max(len(measured.get(i, [])), 1) for i in range(len(self._skip_counts))],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="mean")
+        self._redundancy = [round(v, 6) for v in local.tolist()]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.adapter.check_batch(inputs)
@@ -301,6 +377,11 @@ class SparseMLLMTrainer(Trainer):
             self._samples_since_log = 0
             self._metric_sums.clear()
             self._metric_counts.clear()
+        if "train_runtime" in logs and self.layer_skipping_active:
+            # End of training: how often each decoder layer was skipped.
+            steps = max(self.state.global_step, 1)
+            for layer, count in enumerate(self._skip_counts):
+                logs[f"sparse/skip_frequency/layer_{layer:02d}"] = round(count / steps, 4)
         super().log(logs, start_time)
 
     # ---- saving and resuming -----------------------------------------------------------------------------------
@@ -314,15 +395,39 @@ class SparseMLLMTrainer(Trainer):
             self.sparse_config.save_pretrained(output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        if self.isolator is not None and self.args.should_save:
+        if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            os.makedirs(folder, exist_ok=True)
-            save_file(
-                {"tokens": self.isolator.tokens.detach().cpu().contiguous()}, os.path.join(folder, ISOLATOR_FILE)
-            )
+            self._save_sparse_state(folder)
         super()._save_checkpoint(model, trial)
+
+    def _save_sparse_state(self, folder: str) -> None:
+        """Training state that is not model weights: the isolator and the measured layer redundancy."""
+        os.makedirs(folder, exist_ok=True)
+        if self.isolator is not None:
+            tokens = self.isolator.tokens.detach().cpu().contiguous()
+            save_file({"tokens": tokens}, os.path.join(folder, ISOLATOR_FILE))
+        state = {"layer_redundancy": self._redundancy, "layer_skip_counts": self._skip_counts}
+        with open(os.path.join(folder, SPARSE_STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+
+    def _load_sparse_state(self, folder: str) -> None:
+        state_path = os.path.join(folder, SPARSE_STATE_FILE)
+        if os.path.isfile(state_path):
+            with open(state_path) as f:
+                state = json.load(f)
+            self._redundancy = state.get("layer_redundancy")
+            self._skip_counts = state.get("layer_skip_counts") or self._skip_counts
+        path = os.path.join(folder, ISOLATOR_FILE)
+        if self.isolator is not None:
+            if not os.path.isfile(path):
+                logger.warning(
+                    "No %s in %s: the mode isolator restarts from its initial value.", ISOLATOR_FILE, folder
+                )
+                return
+            with torch.no_grad():
+                self.isolator.tokens.copy_(load_file(path)["tokens"])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
@@ -333,17 +438,7 @@ class SparseMLLMTrainer(Trainer):
             self._issue_warnings_after_load(model.load_state_dict(mapped, strict=False))
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, ISOLATOR_FILE)
-        if self.isolator is not None:
-            if not os.path.isfile(path):
-                logger.warning(
-                    "No %s in %s: the mode isolator restarts from its initial value.",
-                    ISOLATOR_FILE,
-                    resume_from_checkpoint,
-                )
-                return
-            with torch.no_grad():
-                self.isolator.tokens.copy_(load_file(path)["tokens"])
+        self._load_sparse_state(resume_from_checkpoint)
 
 
 def _checkpoint_to_module_keys(model, state_dict: dict) -> dict | None:
