@@ -287,8 +287,9 @@ def test_mme_rejects_non_yes_no_answers():
         ("A. a magnet", "A", 1.0),
         ("B. a magnet", "A", 0.0),
         ("B", "A", 0.0),
-        ("a", "A", 0.0),  # lower case is not parsed
-        ("a.", "A", 0.0),
+        ("a", "A", 1.0),  # a bare letter is compared ignoring case
+        ("b", "A", 0.0),
+        ("a.", "A", 0.0),  # the "X." form needs an upper-case letter
         ("(A)", "A", 0.0),
         ("A)", "A", 0.0),
         ("AB", "A", 0.0),

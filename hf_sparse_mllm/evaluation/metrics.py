@@ -439,9 +439,9 @@ def scienceqa_match(prediction: str, target_letter: str) -> float:
     """ScienceQA-IMG accuracy of one prediction: 1.0 if it names the target option letter, else 0.0.
 
     Reproduces `sqa_process_results` of `lmms_eval/tasks/scienceqa/utils.py` ("how llava parses it"), after the
-    harness's whitespace strip. The prediction is right if it equals the letter exactly (`"A"`), or if it starts
-    with an upper-case character followed by a period (`"A."`, `"A. cat"`) and that character is the letter.
-    Nothing else is parsed: `"(A)"`, `"A)"`, `"a"`, `"a."` and `"The answer is A"` all score 0. The
+    harness's whitespace strip. The prediction is right if it equals the letter ignoring case (`"A"`, `"a"`), or if it
+    starts with an upper-case character followed by a period (`"A."`, `"A. cat"`) and that character is the letter.
+    Nothing else is parsed: `"(A)"`, `"A)"`, `"a."` and `"The answer is A"` all score 0. The
     `ignore_case`/`ignore_punctuation` flags in `scienceqa_img.yaml` have no effect there, because the task's
     own `process_results` returns the score.
 
@@ -462,9 +462,10 @@ def scienceqa_match(prediction: str, target_letter: str) -> float:
     (1.0, 0.0)
     ```
     """
+    target = target_letter.strip().lower()
     pred = prediction.strip()
-    if pred == target_letter:
+    if pred.lower() == target:
         return 1.0
     if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
-        return float(pred[0] == target_letter)
+        return float(pred[0].lower() == target)
     return 0.0
