@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field, fields
 
 from huggingface_hub.dataclasses import strict
@@ -197,20 +198,75 @@ class SparseMLLMConfig(PreTrainedConfig):
         own = {f.name for f in fields(SparseMLLMConfig)} - {f.name for f in fields(PreTrainedConfig)}
         return {name: getattr(self, name) for name in sorted(own)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Write the recipe to `save_directory/sparse_mllm_config.json` (the base `config.json` is left alone)."""
-        if push_to_hub:
-            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Write the recipe to `save_directory/sparse_mllm_config.json` (the base `config.json` is left alone).
+
+        With `push_to_hub=True` the file is also uploaded; `kwargs` are those of [`~SparseMLLMConfig.push_to_hub`]
+        plus `repo_id` (defaults to the folder's name), as for any `transformers` config.
+        """
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, SPARSE_CONFIG_NAME)
         self.to_json_file(path, use_diff=False)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            self.push_to_hub(repo_id, **kwargs)
         return [path]
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ):
+        """Upload `sparse_mllm_config.json`, and nothing else, to `repo_id` (created if missing).
+
+        Unlike `PreTrainedConfig.push_to_hub` this never writes `config.json` nor the repo's `README.md`, so it can
+        add the recipe to a model repo. Uses the same Hub client and commit path as `transformers`.
+        """
+        from transformers.utils.hub import hf_api
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return self._upload_modified_files(
+                folder,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message or "Upload sparse training recipe",
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+                commit_description=commit_description,
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SparseMLLMConfig:
-        """Read the recipe from a local folder or a Hub repo that holds `sparse_mllm_config.json`."""
+        """Read the recipe from a local folder or a Hub repo id (downloading `sparse_mllm_config.json` only).
+
+        A folder or repo without that file but whose `config.json` carries the recipe under `sparse_mllm` (written
+        by [`SparseMLLMTrainer`] on every save) is read from there.
+        """
         kwargs.setdefault("_configuration_file", SPARSE_CONFIG_NAME)
-        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        fallback_kwargs = {k: v for k, v in kwargs.items() if k != "_configuration_file"}
+        try:
+            config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            try:
+                base_dict, kwargs = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **fallback_kwargs)
+            except OSError:
+                raise error from None
+            if not isinstance(base_dict.get("sparse_mllm"), dict):
+                raise error
+            logger.info(
+                "No %s in %s: reading the recipe from config.json.", SPARSE_CONFIG_NAME, pretrained_model_name_or_path
+            )
+            config_dict = base_dict["sparse_mllm"]
         return cls.from_dict(config_dict, **kwargs)
 
     @classmethod

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.core_model_loading import revert_weight_conversion
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from . import hub
 from .adapters import SparsePlan, get_adapter
 from .compressors import get_compressor
 from .config import SparseMLLMConfig
@@ -388,11 +389,15 @@ class SparseMLLMTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        # The recipe travels with the model as a plain dict; the base model_type and weights are untouched.
-        self.model.config.sparse_mllm = self.sparse_config.recipe_dict()
+        # The recipe travels with the model as a plain dict on config.json; the base model_type and weights are
+        # untouched. From now on `model.push_to_hub()` also uploads the recipe, the processor and our model card.
+        card_kwargs = hub.trainer_model_card_kwargs(self, **self._card_kwargs)
+        hub.bind_push_to_hub(self.model, self.sparse_config, processor=self.processing_class, card_kwargs=card_kwargs)
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.sparse_config.save_pretrained(output_dir)
+            card = hub.render_model_card(self.sparse_config, **card_kwargs)
+            card.save(os.path.join(output_dir, hub.MODEL_CARD_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         if self.args.should_save:
@@ -401,6 +406,46 @@ class SparseMLLMTrainer(Trainer):
             )
             self._save_sparse_state(folder)
         super()._save_checkpoint(model, trial)
+
+    @property
+    def _card_kwargs(self) -> dict:
+        # What `create_model_card` was told (speed-up, eval results, dataset, ...), reused for every later card.
+        return self.__dict__.setdefault("_sparse_card_kwargs", {})
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **card_kwargs,
+    ) -> None:
+        """Write this package's model card (recipe, speed-up, evaluation results) to `output_dir/README.md`.
+
+        Replaces the stock card, which `Trainer.push_to_hub` would otherwise rewrite on every push. Takes the stock
+        arguments (`tasks` and `dataset_args` are unused) and those of [`~hf_sparse_mllm.hub.render_model_card`],
+        e.g. `speedup`, `baseline_samples_per_second` and `eval_results`; `trainer.push_to_hub(**kwargs)` passes its
+        keyword arguments here. They are remembered for the cards written at later checkpoints.
+        """
+        if not self.is_world_process_zero():
+            return
+        given = dict(language=language, license=license, tags=tags, model_name=model_name, base_model=finetuned_from)
+        given.update(datasets=dataset_tags or dataset, **card_kwargs)
+        self._card_kwargs.update({k: v for k, v in given.items() if v is not None})
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        hub.trainer_model_card(self, **self._card_kwargs).save(os.path.join(self.args.output_dir, hub.MODEL_CARD_NAME))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The stock push copies only the weights and config.json from the checkpoint into output_dir before uploading
+        # output_dir: bring the recipe and the model card along.
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END:
+            hub.copy_sparse_files(checkpoint_folder, self.args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_sparse_state(self, folder: str) -> None:
         """Training state that is not model weights: the isolator and the measured layer redundancy."""
