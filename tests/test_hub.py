@@ -11,10 +11,12 @@ threads stay the real code.
 
 from __future__ import annotations
 
+import doctest
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -522,6 +524,20 @@ def test_model_card_without_measurements_says_so():
 def test_model_card_template_ships_inside_the_package():
     path = model_card_template_path()
     assert path.is_file() and path.parent == Path(hub_module.__file__).parent / "templates"
+
+
+def test_docstring_examples():
+    class FencedParser(doctest.DocTestParser):
+        """Ignore the ```python fences around HF-style examples."""
+
+        def parse(self, string, name="<string>"):
+            return super().parse(re.sub(r"(?m)^[ \t]*```.*$", "", string), name)
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder(parser=FencedParser()).find(hub_module):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0 and results.failed == 0
 
 
 def test_rendered_example_card_is_current():
