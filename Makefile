@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow quality style demo bench clean
+.PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -35,8 +35,36 @@ style: install
 demo: install
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
-bench: install
+# `bench` = the step-time benchmark, then the (long, see README) accuracy benchmark.
+bench: bench-steps bench-accuracy
+
+bench-steps: install
 	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)
+
+bench-accuracy: install
+	$(BIN)/python scripts/bench_accuracy.py $(BENCH_ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs build dist *.egg-info .pytest_cache .ruff_cache
+
+# --- Evaluation ------------------------------------------------------------------------------------------------
+.PHONY: eval install-lmms-eval
+
+# Evaluate a saved model folder, e.g. make eval EVAL_ARGS="--model_path outputs/demo/model --modes full divprune@0.25"
+eval: install
+	$(BIN)/python scripts/evaluate.py $(EVAL_ARGS)
+
+# lmms-eval without its dependency list (its torchvision requirement would replace the CPU torch with a CUDA build):
+# the package plus the modules it imports to run generate_until tasks on local data, all with --no-deps.
+# LMMS_EVAL_TARGET=<dir> installs into that folder instead of the venv (then run with PYTHONPATH=<dir>).
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+LMMS_EVAL_DEPS := loguru sacrebleu portalocker tabulate colorama lxml pytz tenacity pytablewriter DataProperty \
+	mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet
+LMMS_EVAL_TARGET ?=
+
+install-lmms-eval: install
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps \
+		$(if $(LMMS_EVAL_TARGET),--upgrade --target "$(LMMS_EVAL_TARGET)") "$(LMMS_EVAL_SPEC)" $(LMMS_EVAL_DEPS)
+	$(if $(LMMS_EVAL_TARGET),PYTHONPATH="$(LMMS_EVAL_TARGET)") $(BIN)/python -c "import lmms_eval.evaluator, \
+		lmms_eval.models, torch; from importlib.metadata import version; \
+		print('lmms-eval', version('lmms-eval'), 'with torch', torch.__version__)"

@@ -1,0 +1,227 @@
+"""Accuracy benchmark: sparse-training recipes vs the stock `Trainer` on the generated VQA data.
+
+    python scripts/bench_accuracy.py                                   # all recipes, 1 seed -> outputs/bench/accuracy.*
+    python scripts/bench_accuracy.py --seeds 0,1,2 --steps 1500
+    python scripts/bench_accuracy.py --recipes baseline,dualspeed-divprune-0.25,naive-divprune-0.25 --quick
+
+Every recipe trains the same tiny LLaVA as `make demo` (same data, same steps, one run per seed), then evaluates it
+twice on the same test set: with **all** visual tokens (how the exported model is used) and with the recipe's
+**compressed** tokens (the training-time view; no isolator at inference). Naive pruning (fast mode only: no slow
+steps, no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode
+isolator close that training-inference gap. Reported per recipe: training time and speed-up over the baseline,
+accuracy (mean and standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family
+accuracy. Writes `accuracy.json` and `accuracy.md` to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hf_sparse_mllm.data.vqa import FAMILIES, blind_baseline  # noqa: E402
+from hf_sparse_mllm.demo import DEMO_PRESETS, machine_info, prepare_data, train_and_evaluate  # noqa: E402
+
+
+def recipe(compressor, keep_ratio, slow_mode_prob=0.1, num_isolator_tokens=4):
+    return dict(
+        token_compressor=compressor,
+        keep_ratio=keep_ratio,
+        slow_mode_prob=slow_mode_prob,
+        num_isolator_tokens=num_isolator_tokens,
+    )
+
+
+RECIPES = {
+    "baseline": None,  # the stock transformers.Trainer
+    "dualspeed-divprune-0.25": recipe("divprune", 0.25),
+    "dualspeed-divprune-0.1": recipe("divprune", 0.1),
+    "naive-divprune-0.25": recipe("divprune", 0.25, slow_mode_prob=0.0, num_isolator_tokens=0),
+    "naive-divprune-0.1": recipe("divprune", 0.1, slow_mode_prob=0.0, num_isolator_tokens=0),
+    "dualspeed-divprune-0.25-slow0.2": recipe("divprune", 0.25, slow_mode_prob=0.2),
+    "dualspeed-random-0.25": recipe("random", 0.25),
+    "dualspeed-pool-0.25": recipe("pool", 0.25),
+    "dualspeed-redundancy-0.25": recipe("redundancy", 0.25),
+}
+DEFAULT_RECIPES = "baseline,dualspeed-divprune-0.25,naive-divprune-0.25,dualspeed-divprune-0.1,naive-divprune-0.1"
+# The compressed evaluation of the baseline (which has no recipe of its own).
+BASELINE_COMPRESSED_EVAL = ("divprune", 0.25)
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(mean, std, scale=100.0, digits=1):
+    if mean is None:
+        return "-"
+    text = f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * std:.{digits}f}" if std else "")
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Mean and standard deviation over seeds, speed-up and retention relative to the baseline's seed mean."""
+    base_time, _ = _mean_std([r["train_seconds"] for r in runs["baseline"]])
+    base_acc, _ = _mean_std([r["accuracy"] for r in runs["baseline"]])
+    summary = {}
+    for name, seeds in runs.items():
+        time_mean, time_std = _mean_std([r["train_seconds"] for r in seeds])
+        full_mean, full_std = _mean_std([r["accuracy"] for r in seeds])
+        comp_mean, comp_std = _mean_std([r.get("compressed_accuracy") for r in seeds])
+        retained = [r["accuracy"] / base_acc for r in seeds] if base_acc else [None]
+        ret_mean, ret_std = _mean_std(retained)
+        summary[name] = {
+            "recipe": RECIPES.get(name),
+            "seeds": len(seeds),
+            "train_seconds_mean": time_mean,
+            "train_seconds_std": time_std,
+            "speedup": base_time / time_mean if time_mean else None,
+            "full_accuracy_mean": full_mean,
+            "full_accuracy_std": full_std,
+            "compressed_accuracy_mean": comp_mean,
+            "compressed_accuracy_std": comp_std,
+            "accuracy_retained_mean": ret_mean,
+            "accuracy_retained_std": ret_std,
+            "full_accuracy_by_family": {
+                f: statistics.fmean(r["accuracy_by_family"][f] for r in seeds)
+                for f in FAMILIES
+                if f in seeds[0]["accuracy_by_family"]
+            },
+            "compressed_eval": seeds[0].get("compressed_eval"),
+        }
+    return summary
+
+
+def format_markdown(report: dict) -> str:
+    config, summary = report["config"], report["summary"]
+    blind = report["blind_baseline"]
+    lines = [
+        "# Accuracy benchmark",
+        "",
+        f"Tiny LLaVA ({config['num_hidden_layers']} x {config['hidden_size']} decoder, {config['vision_layers']} x "
+        f"{config['vision_hidden_size']} vision tower) trained from scratch on the generated VQA data: "
+        f"{config['image_size']} px / {config['patch_size']} px patches = {report['num_visual_tokens']} visual tokens, "
+        f"{config['train_samples']} training and {config['test_samples']} test questions, {config['max_steps']} steps "
+        f"of batch {config['batch_size']}, AdamW {config['learning_rate']:g}; seeds {report['seeds']} "
+        f"(mean ± standard deviation). Full = all visual tokens at inference; compressed = the recipe's compressor "
+        f"and keep ratio at inference (baseline: {BASELINE_COMPRESSED_EVAL[0]} {BASELINE_COMPRESSED_EVAL[1]}), no "
+        "isolator. Speed-up = baseline training time / recipe training time (wall clock, same steps).",
+        "",
+        f"Blind (question-only) baseline: {100 * blind['overall']:.1f} % overall.",
+        "",
+        "| recipe | slow prob | isolator | train s | speed-up | full acc % | compressed acc % | retained (full) % |"
+        + "".join(f" {f} % |" for f in FAMILIES),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(FAMILIES),
+    ]
+    for name, s in summary.items():
+        rec = s["recipe"] or {}
+        fam = s["full_accuracy_by_family"]
+        lines.append(
+            f"| {name} | {rec.get('slow_mode_prob', '-')} | {rec.get('num_isolator_tokens', '-')} | "
+            f"{_fmt(s['train_seconds_mean'], s['train_seconds_std'], 1, 0)} | {s['speedup']:.2f}x | "
+            f"{_fmt(s['full_accuracy_mean'], s['full_accuracy_std'])} | "
+            f"{_fmt(s['compressed_accuracy_mean'], s['compressed_accuracy_std'])} | "
+            f"{_fmt(s['accuracy_retained_mean'], s['accuracy_retained_std'])} |"
+            + "".join(f" {100 * fam[f]:.1f} |" if f in fam else " - |" for f in FAMILIES)
+        )
+    lines += [
+        "",
+        f"Run time of the whole benchmark: {report['total_seconds'] / 60:.1f} minutes on {report['machine']['cpus']} "
+        f"CPUs ({report['machine']['threads']} torch threads), {report['machine']['platform']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated names from {sorted(RECIPES)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds (data stays the same)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the demo's)")
+    parser.add_argument("--train-samples", type=int)
+    parser.add_argument("--test-samples", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--quick", action="store_true", help="the demo's smoke-run size")
+    parser.add_argument("--no-curve", action="store_true", help="skip the accuracy-curve checkpoints")
+    parser.add_argument("--data-dir", default="outputs/data")
+    parser.add_argument("--output", default="outputs/bench")
+    args = parser.parse_args(argv)
+
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)}")
+    if "baseline" not in names:
+        names.insert(0, "baseline")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    config = DEMO_PRESETS["quick" if args.quick else "default"]
+    overrides = {"max_steps": args.steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
+    overrides["threads"] = args.threads
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    dataset = prepare_data(config, args.data_dir)  # one data set for every recipe and seed
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    report = {
+        "config": asdict(config),
+        "num_visual_tokens": config.num_visual_tokens,
+        "seeds": seeds,
+        "recipes": {name: RECIPES[name] for name in names},
+        "blind_baseline": blind_baseline(dataset["train"], dataset["test"]),
+        "machine": machine_info(),
+    }
+    # Seeds outermost, so a run cut short still has every recipe for the first seeds.
+    for seed in seeds:
+        for name in names:
+            spec = RECIPES[name]
+            run_config = replace(config, seed=seed)
+            sparse_config = None
+            compressed_eval = BASELINE_COMPRESSED_EVAL
+            if spec is not None:
+                sparse_config = run_config.sparse_config(**spec)
+                compressed_eval = (spec["token_compressor"], spec["keep_ratio"])
+            print(f"[bench-accuracy] seed {seed}: {name}", flush=True)
+            result = train_and_evaluate(
+                run_config,
+                dataset,
+                sparse_config=sparse_config,
+                output_dir=out / "runs" / f"{name}-seed{seed}",
+                compressed_eval=compressed_eval,
+                progress=False,
+                curve=not args.no_curve,
+            )
+            result["seed"] = seed
+            runs[name].append(result)
+            print(
+                f"[bench-accuracy] seed {seed}: {name}: {result['train_seconds']:.0f} s, full "
+                f"{100 * result['accuracy']:.1f} %, compressed {100 * result['compressed_accuracy']:.1f} %",
+                flush=True,
+            )
+            # Written after every run: a long benchmark can be inspected (or interrupted) midway.
+            report["runs"] = runs
+            report["summary"] = summarize({k: v for k, v in runs.items() if v})
+            report["total_seconds"] = time.perf_counter() - start
+            (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+            (out / "accuracy.md").write_text(format_markdown(report))
+    markdown = format_markdown(report)
+    print(markdown)
+    print(f"[bench-accuracy] wrote {out / 'accuracy.json'} and {out / 'accuracy.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
