@@ -216,6 +216,11 @@ class SparseMLLMTrainer(Trainer):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self.create_model_card()  # the card describes the finished run too (main process only)
+        return output
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
         if step != self._context_step:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from PIL import Image
-from transformers import TrainingArguments
-
+# Before anything imports huggingface_hub, which reads these once at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 WORDS = ["what", "color", "shape", "is", "the", "object", "red", "green", "blue", "circle", "square", "yes", "no", "a"]
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

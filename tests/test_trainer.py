@@ -106,6 +106,8 @@ def test_dualspeed_training_end_to_end(tmp_path, caplog):
     fast = [entry for entry, mode in zip(logs, modes) if mode != SLOW]
     assert all(entry["sparse/visual_tokens_per_image"] == 2 for entry in fast)  # round(0.1 * 16)
 
+    card = (tmp_path / "out" / "README.md").read_text()  # written at the end of training
+    assert "divprune" in card and "sparse_mllm" in card
     checkpoint = tmp_path / "out" / "checkpoint-6"
     with safe_open(checkpoint / "model.safetensors", "pt") as f:
         assert set(f.keys()) == _fresh_checkpoint_keys(tmp_path)
