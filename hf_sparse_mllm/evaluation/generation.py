@@ -43,6 +43,47 @@ def prompt_messages(messages: Sequence[dict]) -> list[dict]:
     return messages
 
 
+def messages_from_context(context: str, num_images: int, image_marker: str = "<image>") -> list[dict]:
+    """The one-turn conversation lmms-eval-style tasks prompt with: the images, then the task's text.
+
+    `context` is what a task's `doc_to_text` returns (pre prompt + question + post prompt). Where it already holds
+    `image_marker`s (one per image), the images go there instead, so a prompt can interleave text and images.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.evaluation.generation import messages_from_context
+    >>> messages_from_context("what color ?", 1)
+    [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'what color ?'}]}]
+
+    ```
+    """
+    pieces = context.split(image_marker) if image_marker and image_marker in context else None
+    content: list[dict] = []
+    if pieces is not None and len(pieces) - 1 == num_images:
+        for i, piece in enumerate(pieces):
+            if i:
+                content.append({"type": "image"})
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+    else:
+        if pieces is not None:
+            raise ValueError(
+                f"The prompt holds {len(pieces) - 1} {image_marker!r} markers but the sample has {num_images} images."
+            )
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": context}]
+    return [{"role": "user", "content": content}]
+
+
+def length_sort_key(tokenizer, context: str) -> tuple[int, str]:
+    """Batching order of prompts: longest first (little padding, memory errors early), then by text.
+
+    lmms-eval's models sort their requests the same way; sharing the key means the built-in evaluator and the
+    lmms-eval plugin put the same prompts in the same batches.
+    """
+    return -len(tokenizer(context, add_special_tokens=False)["input_ids"]), context
+
+
 def render_prompt(processor, messages: Sequence[dict]) -> str:
     """Render the prompt turns of `messages` with the processor's chat template and the generation prompt."""
     return processor.apply_chat_template(prompt_messages(messages), tokenize=False, add_generation_prompt=True)
@@ -188,6 +229,70 @@ def generate_from_prompts(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+@torch.inference_mode()
+def continuation_logprob(
+    model,
+    processor,
+    prompt: str,
+    images: Sequence[Image.Image],
+    continuation: str,
+    *,
+    token_compressor: str | TokenCompressor | None = None,
+    keep_ratio: float | None = None,
+    num_keep: int | None = None,
+) -> tuple[float, bool]:
+    """Log-probability of `continuation` after a rendered `prompt`, and whether greedy decoding would produce it.
+
+    The continuation is tokenized on its own (no special tokens) and appended to the prompt's tokens, so its tokens
+    are the ones the model would have to generate after the generation prompt.
+
+    Returns:
+        `tuple[float, bool]`: the summed log-probability of the continuation's tokens and whether every one of them
+        is the arg-max token (lmms-eval's `loglikelihood` contract).
+    """
+    compressor, k = resolve_compression(model, token_compressor, keep_ratio, num_keep)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    inputs = processor(
+        text=[prompt],
+        images=list(images) or None,
+        add_special_tokens=not (bos and prompt.startswith(bos)),
+        return_tensors="pt",
+    )
+    target = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if target.shape[1] == 0:
+        raise ValueError(f"The continuation {continuation!r} has no tokens.")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+    batch["input_ids"] = torch.cat([batch["input_ids"], target], dim=1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch = {
+        key: (value.to(device, dtype) if torch.is_floating_point(value) else value.to(device))
+        for key, value in batch.items()
+    }
+    plan = SparsePlan()
+    adapter = get_adapter(model) if compressor is not None else None
+    if adapter is not None:
+        batch = adapter.shrink_image_spans(batch, k)
+
+        def compress(features, context):
+            generator = torch.Generator().manual_seed(INFERENCE_SELECTION_SEED)
+            return compressor.compress(features, k, generator=generator, **context)
+
+        plan = SparsePlan(compress=compress, needs=compressor.requires)
+    n = target.shape[1]
+    if adapter is not None:
+        with adapter.apply(plan):
+            logits = model(**batch, use_cache=False).logits
+    else:
+        logits = model(**batch, use_cache=False).logits
+    logits = logits[0, -n - 1 : -1].float()
+    target = target[0].to(logits.device)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+    return float(logprobs.sum()), bool((logits.argmax(-1) == target).all())
+
+
 def generate_answers(
     model,
     processor,
@@ -288,8 +393,11 @@ def generate_answers(
 
 
 __all__ = [
+    "continuation_logprob",
     "generate_answers",
     "generate_from_prompts",
+    "length_sort_key",
+    "messages_from_context",
     "prompt_messages",
     "render_prompt",
     "resolve_compression",

@@ -1,0 +1,138 @@
+"""Evaluate a saved model folder on lmms-eval-style tasks, with full and/or compressed visual tokens.
+
+    # the generated VQA test split (built on the fly), all visual tokens
+    python scripts/evaluate.py --model_path outputs/demo/model
+
+    # local benchmark copies (task=path), full tokens and DivPrune at 25 % of the tokens, results into the model card
+    python scripts/evaluate.py --model_path outputs/demo/model \\
+        --tasks sparse_vqa=outputs/data/vqa gqa=/data/gqa_testdev pope=/data/pope.parquet \\
+        --modes full divprune@0.25 --update_model_card
+
+    # the same through make
+    make eval EVAL_ARGS="--model_path outputs/demo/model --modes full divprune@0.25 random@0.25"
+
+A mode is `full` or `<compressor>@<budget>`: a budget with a decimal point is a keep ratio (`divprune@0.25`), an
+integer is a number of kept tokens per image (`pool@64`). Each mode writes `results.json` (lmms-eval's layout) and
+`samples_<task>.jsonl` under `<output_dir>/<mode>/`; with several modes, `comparison.md` holds the table of all of
+them and their differences to the first one, which measures the training-inference mismatch of a sparse recipe.
+Tasks: `sparse_vqa` (generates its test split when no path is given), `gqa`, `vqav2_val`, `pope`, `mme`,
+`scienceqa_img` (local copies in the lmms-lab layouts; see `hf_sparse_mllm.evaluation.tasks`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class EvaluateArguments:
+    model_path: str = field(metadata={"help": "Saved model folder (weights, config and processor) or a Hub id."})
+    tasks: list[str] = field(
+        default_factory=lambda: ["sparse_vqa"],
+        metadata={
+            "help": "Tasks as `name` or `name=dataset_path` (a save_to_disk folder, parquet/JSON file or Hub id)."
+        },
+    )
+    modes: list[str] = field(
+        default_factory=lambda: ["full"],
+        metadata={"help": "`full` and/or `<compressor>@<keep_ratio or num_keep>`, e.g. `divprune@0.25`, `pool@64`."},
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where results go; defaults to `outputs/eval/<model folder name>`."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Prompts per generate call."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Overrides every task's generation limit."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N samples of each task."})
+    device: str = field(default="auto", metadata={"help": "`auto`, `cpu`, `cuda`, ..."})
+    dtype: str = field(
+        default="auto", metadata={"help": "`auto` (the checkpoint's), `float32`, `bfloat16`, `float16`."}
+    )
+    update_model_card: bool = field(
+        default=False, metadata={"help": "Add the results to `<model_path>/README.md` as model-index entries."}
+    )
+
+
+def parse_mode(mode: str) -> dict:
+    """`"full"` -> no compression; `"divprune@0.25"` -> keep_ratio 0.25; `"pool@64"` -> num_keep 64."""
+    if mode == "full":
+        return {"token_compressor": None, "keep_ratio": None, "num_keep": None}
+    name, sep, budget = mode.partition("@")
+    if not sep or not name or not budget:
+        raise ValueError(f"Mode {mode!r} is not `full` or `<compressor>@<budget>` (e.g. `divprune@0.25`).")
+    try:
+        if "." in budget:
+            return {"token_compressor": name, "keep_ratio": float(budget), "num_keep": None}
+        return {"token_compressor": name, "keep_ratio": None, "num_keep": int(budget)}
+    except ValueError:
+        raise ValueError(f"Mode {mode!r}: the budget {budget!r} is neither a keep ratio nor a token count.") from None
+
+
+def main(args: EvaluateArguments) -> dict[str, dict]:
+    from hf_sparse_mllm.evaluation import (
+        add_results_to_model_card,
+        evaluate,
+        format_comparison_table,
+        format_results_table,
+        get_task,
+    )
+    from hf_sparse_mllm.evaluation.evaluator import _atomic_write, load_for_evaluation
+    from hf_sparse_mllm.evaluation.generation import resolve_compression
+
+    modes = {mode: parse_mode(mode) for mode in dict.fromkeys(args.modes)}
+    tasks = []
+    for spec in args.tasks:
+        name, _, path = spec.partition("=")
+        tasks.append(get_task(name, dataset_path=path or None))
+    model, processor = load_for_evaluation(args.model_path, device=args.device, dtype=args.dtype)
+    for setting in modes.values():  # an unknown compressor or a bad budget fails before any generation
+        resolve_compression(model, **setting)
+    for task in tasks:  # so does a missing dataset or a wrong layout
+        task.load(limit=args.limit)
+    output_dir = args.output_dir or os.path.join(
+        "outputs", "eval", os.path.basename(os.path.normpath(args.model_path))
+    )
+
+    runs = {}
+    for mode, setting in modes.items():
+        model_args = f"pretrained={args.model_path}" + "".join(
+            f",{key}={value}" for key, value in setting.items() if value is not None
+        )
+        results = evaluate(
+            model,
+            processor,
+            tasks,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            limit=args.limit,
+            output_dir=os.path.join(output_dir, mode.replace("@", "_")),
+            model_args=model_args,
+            **setting,
+        )
+        runs[mode] = results
+        print(f"\n## {mode} ({model_args})\n\n{format_results_table(results)}")
+    if len(runs) > 1:
+        table = format_comparison_table(runs)
+        _atomic_write(os.path.join(output_dir, "comparison.md"), table + "\n")
+        print(f"\n## Comparison\n\n{table}")
+    if args.update_model_card:
+        if not os.path.isdir(args.model_path):
+            raise ValueError(f"--update_model_card needs a local model folder, got {args.model_path!r}.")
+        path = add_results_to_model_card(args.model_path, list(runs.values()))
+        print(f"\nModel card updated: {path}")
+    print(f"\nResults written under {output_dir}")
+    return runs
+
+
+if __name__ == "__main__":
+    parser = HfArgumentParser(EvaluateArguments)
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml", ".json")):
+        (script_args,) = (
+            parser.parse_yaml_file(sys.argv[1]) if "yaml" in sys.argv[1] else parser.parse_json_file(sys.argv[1])
+        )
+    else:
+        (script_args,) = parser.parse_args_into_dataclasses()
+    main(script_args)
