@@ -448,6 +448,15 @@ def test_results_table_and_model_card(tmp_path, yes_no):
     )
     assert "model-index" in (card_dir / "README.md").read_text()
 
+    # A sparse-trained folder without a card gets the package's card, with the recipe.
+    from hf_sparse_mllm import SparseMLLMConfig
+
+    sparse_dir = tmp_path / "sparse_model"
+    SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.25).save_pretrained(sparse_dir)
+    add_results_to_model_card(sparse_dir, sparse)
+    card = ModelCard.load(sparse_dir / "README.md")
+    assert card.data.sparse_mllm["token_compressor"] == "divprune" and len(card.data.eval_results) == 6
+
 
 def _load_script():
     spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")

@@ -99,3 +99,47 @@ def test_bad_input(built):
 def test_docstring_examples():
     result = doctest.testmod(generation, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize(
+    "compression", [{}, {"token_compressor": "divprune", "num_keep": 4}], ids=["full", "divprune"]
+)
+def test_continuation_logprob(compression):
+    model, processor = tiny_llava(seed=3)
+    # Only colour words can be generated, so the greedy answer is a word with a known continuation.
+    colours = processor.tokenizer.convert_tokens_to_ids(["red", "green", "blue"])
+    with torch.no_grad():
+        keep = model.lm_head.weight[colours].clone()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[colours] = keep
+    sample = make_dataset(1)[0]
+    greedy = generate_answers(model, processor, [sample], max_new_tokens=1, progress=False, **compression)[0]
+    other = next(w for w in ("red", "green", "blue") if w != greedy)
+    prompt = generation.render_prompt(processor, sample["messages"])
+    logprob, is_greedy = generation.continuation_logprob(
+        model, processor, prompt, sample["images"], greedy, **compression
+    )
+    other_logprob, other_greedy = generation.continuation_logprob(
+        model, processor, prompt, sample["images"], other, **compression
+    )
+    assert is_greedy and not other_greedy and logprob > other_logprob
+    if not compression:  # against a plain forward pass over the prompt
+        inputs = processor(text=[prompt], images=sample["images"], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            last = model(**inputs).logits[0, -1].log_softmax(-1)
+        assert logprob == pytest.approx(last[processor.tokenizer.convert_tokens_to_ids(greedy)].item(), abs=1e-5)
+    two_words, _ = generation.continuation_logprob(
+        model, processor, prompt, sample["images"], f"{greedy} {other}", **compression
+    )
+    assert two_words < logprob  # one more token, one more (negative) log-probability
+
+
+def test_messages_from_context():
+    assert generation.messages_from_context("a <image> b <image>", 2)[0]["content"] == [
+        {"type": "text", "text": "a"},
+        {"type": "image"},
+        {"type": "text", "text": "b"},
+        {"type": "image"},
+    ]
+    with pytest.raises(ValueError, match="1 '<image>' markers but the sample has 2 images"):
+        generation.messages_from_context("<image> b", 2)

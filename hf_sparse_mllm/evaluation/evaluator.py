@@ -505,7 +505,8 @@ def add_results_to_model_card(model_dir: str | os.PathLike, results: dict | Sequ
 
     Args:
         model_dir (`str`):
-            The saved model folder (the card is created there if it has none).
+            The saved model folder. Without a README.md, a card is created: the package's card
+            ([`~hf_sparse_mllm.hub.render_model_card`]) when the folder holds a sparse recipe, else a minimal one.
         results (`dict` or `list[dict]`):
             One or more results dicts from [`evaluate`].
         model_name (`str`, *optional*):
@@ -516,11 +517,19 @@ def add_results_to_model_card(model_dir: str | os.PathLike, results: dict | Sequ
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from ..config import SPARSE_CONFIG_NAME
+
     path = os.path.join(os.fspath(model_dir), "README.md")
+    name = model_name or os.path.basename(os.path.abspath(model_dir))
     if os.path.exists(path):
         card = ModelCard.load(path)
+    elif os.path.exists(os.path.join(os.fspath(model_dir), SPARSE_CONFIG_NAME)):
+        # A sparse-trained folder without a card gets the package's card (recipe in words and metadata).
+        from ..config import SparseMLLMConfig
+        from ..hub import render_model_card
+
+        card = render_model_card(SparseMLLMConfig.from_pretrained(model_dir), model_name=name)
     else:
-        name = model_name or os.path.basename(os.path.abspath(model_dir))
         card = ModelCard(f"---\n{ModelCardData(model_name=name).to_yaml()}\n---\n\n# {name}\n")
     data = card.data
     data.model_name = model_name or getattr(data, "model_name", None) or os.path.basename(os.path.abspath(model_dir))
