@@ -50,7 +50,7 @@ clean:
 # --- Evaluation ------------------------------------------------------------------------------------------------
 .PHONY: eval install-lmms-eval
 
-# Evaluate a saved model folder, e.g. make eval EVAL_ARGS="--model_path outputs/demo/model --modes full divprune@0.25"
+# Evaluate a saved model folder, e.g. make eval EVAL_ARGS="--model_path outputs/demo/sparse_model --modes full divprune@0.25"
 eval: install
 	$(BIN)/python scripts/evaluate.py $(EVAL_ARGS)
 

@@ -1,31 +1,36 @@
 """Evaluate a saved model folder on lmms-eval-style tasks, with full and/or compressed visual tokens.
 
     # the generated VQA test split (built on the fly), all visual tokens
-    python scripts/evaluate.py --model_path outputs/demo/model
+    python scripts/evaluate.py --model_path outputs/demo/sparse_model
 
     # local benchmark copies (task=path), full tokens and DivPrune at 25 % of the tokens, results into the model card
-    python scripts/evaluate.py --model_path outputs/demo/model \\
+    python scripts/evaluate.py --model_path outputs/demo/sparse_model \\
         --tasks sparse_vqa=outputs/data/vqa gqa=/data/gqa_testdev pope=/data/pope.parquet \\
         --modes full divprune@0.25 --update_model_card
 
     # the same through make
-    make eval EVAL_ARGS="--model_path outputs/demo/model --modes full divprune@0.25 random@0.25"
+    make eval EVAL_ARGS="--model_path outputs/demo/sparse_model --modes full divprune@0.25 random@0.25"
 
 A mode is `full` or `<compressor>@<budget>`: a budget with a decimal point is a keep ratio (`divprune@0.25`), an
 integer is a number of kept tokens per image (`pool@64`). Each mode writes `results.json` (lmms-eval's layout) and
 `samples_<task>.jsonl` under `<output_dir>/<mode>/`; with several modes, `comparison.md` holds the table of all of
 them and their differences to the first one, which measures the training-inference mismatch of a sparse recipe.
-Tasks: `sparse_vqa` (generates its test split when no path is given), `gqa`, `vqav2_val`, `pope`, `mme`,
-`scienceqa_img` (local copies in the lmms-lab layouts; see `hf_sparse_mllm.evaluation.tasks`).
+Tasks: `sparse_vqa` (without a path: 1,000 generated test scenes at the model's image size, one patch per cell),
+and local copies of `gqa`, `vqav2_val`, `pope`, `mme`, `scienceqa_img` in the lmms-lab layouts (see
+`hf_sparse_mllm.evaluation.tasks`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 
 from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
 
 @dataclass
@@ -81,6 +86,7 @@ def main(args: EvaluateArguments) -> dict[str, dict]:
     )
     from hf_sparse_mllm.evaluation.evaluator import _atomic_write, load_for_evaluation
     from hf_sparse_mllm.evaluation.generation import resolve_compression
+    from hf_sparse_mllm.evaluation.tasks import sparse_vqa_test_docs
 
     modes = {mode: parse_mode(mode) for mode in dict.fromkeys(args.modes)}
     tasks = []
@@ -88,6 +94,12 @@ def main(args: EvaluateArguments) -> dict[str, dict]:
         name, _, path = spec.partition("=")
         tasks.append(get_task(name, dataset_path=path or None))
     model, processor = load_for_evaluation(args.model_path, device=args.device, dtype=args.dtype)
+    vision = getattr(model.config, "vision_config", None)
+    for i, task in enumerate(tasks):
+        if task.name == "sparse_vqa" and task.dataset_path is None and vision is not None:
+            # Generate the test scenes at the model's geometry (objects one patch wide, as in training).
+            geometry = {"image_size": vision.image_size, "cell_size": vision.patch_size}
+            tasks[i] = replace(task, default_docs=partial(sparse_vqa_test_docs, **geometry))
     for setting in modes.values():  # an unknown compressor or a bad budget fails before any generation
         resolve_compression(model, **setting)
     for task in tasks:  # so does a missing dataset or a wrong layout

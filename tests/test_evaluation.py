@@ -466,7 +466,7 @@ def _load_script():
     return module
 
 
-def test_evaluate_script(tmp_path, yes_no, capsys):
+def test_evaluate_script(tmp_path, yes_no, capsys, monkeypatch):
     model, processor = yes_no
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -494,6 +494,24 @@ def test_evaluate_script(tmp_path, yes_no, capsys):
     direct = evaluate(model, processor, [get_task("sparse_vqa", dataset_path=data)], max_new_tokens=1, progress=False)
     assert direct["results"] == runs["full"]["results"]
     assert "model-index" in (tmp_path / "model" / "README.md").read_text()
+
+    # Without a path, sparse_vqa generates its test scenes at the model's geometry (12 of them here, not 1,000).
+    geometries = []
+
+    build = tasks.sparse_vqa_test_docs
+
+    def few_scenes(**geometry):
+        geometries.append(geometry)
+        return build(num_test=12, **geometry)
+
+    monkeypatch.setattr(tasks, "sparse_vqa_test_docs", few_scenes)
+    default = script.main(
+        script.EvaluateArguments(
+            model_path=str(tmp_path / "model"), output_dir=str(tmp_path / "eval2"), limit=6, max_new_tokens=1
+        )
+    )
+    assert geometries[0] == {"image_size": 32, "cell_size": 8}
+    assert default["full"]["n-samples"]["sparse_vqa"] == {"original": 12, "effective": 6}
 
     with pytest.raises(ValueError, match="Unknown token compressor 'nope'"):
         script.main(script.EvaluateArguments(model_path=str(tmp_path / "model"), modes=["nope@0.5"]))

@@ -5,7 +5,7 @@ in `pyproject.toml` registers the model `sparse_mllm`:
 
 ```bash
 lmms-eval --model sparse_mllm \\
-    --model_args pretrained=outputs/demo/model,token_compressor=divprune,keep_ratio=0.25 \\
+    --model_args pretrained=outputs/demo/sparse_model,token_compressor=divprune,keep_ratio=0.25 \\
     --tasks sparse_vqa_local --include_path outputs/lmms_tasks --batch_size 32 --output_path outputs/lmms_eval
 ```
 
@@ -96,7 +96,7 @@ class SparseMLLMLmms(_LmmsBase):
     ```python
     >>> from hf_sparse_mllm.evaluation.lmms_eval_plugin import LMMS_EVAL_AVAILABLE, SparseMLLMLmms
     >>> lm = SparseMLLMLmms.create_from_arg_string(  # doctest: +SKIP
-    ...     "pretrained=outputs/demo/model,token_compressor=divprune,keep_ratio=0.25", {"batch_size": 8})
+    ...     "pretrained=outputs/demo/sparse_model,token_compressor=divprune,keep_ratio=0.25", {"batch_size": 8})
     ```
     """
 

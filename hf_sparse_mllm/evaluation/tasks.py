@@ -612,10 +612,14 @@ def _sparse_vqa_process_results(doc: dict, pred: str) -> dict:
     return out
 
 
-def _sparse_vqa_default_docs():
+def sparse_vqa_test_docs(image_size: int = 192, cell_size: int = 16, num_test: int = 1000, seed: int = 0):
+    """The generated VQA test split (`sparse_vqa`'s samples when it has no dataset_path), for a model's geometry:
+    use its image size and its patch size as the cell size, as the training data was built."""
     from ..data.vqa import build_vqa_dataset
 
-    return build_vqa_dataset(num_train=0, num_test=1000, seed=0)["test"]
+    return build_vqa_dataset(num_train=0, num_test=num_test, image_size=image_size, cell_size=cell_size, seed=seed)[
+        "test"
+    ]
 
 
 @register_task("sparse_vqa")
@@ -634,7 +638,7 @@ def _sparse_vqa(**overrides) -> Task:
         aggregation={"exact_match": mean, **{f"exact_match_{family}": mean for family in FAMILIES}},
         prompt_kwargs={"pre_prompt": "", "post_prompt": ""},
         max_new_tokens=8,
-        default_docs=_sparse_vqa_default_docs,
+        default_docs=sparse_vqa_test_docs,
         **overrides,
     )
 
@@ -648,4 +652,5 @@ __all__ = [
     "mean",
     "mean_stderr",
     "register_task",
+    "sparse_vqa_test_docs",
 ]
