@@ -143,6 +143,8 @@ def test_sparse_vqa_end_to_end(tmp_path, yes_no):
             sum(values) / len(values)
         )
     assert results["config"]["mode"] == "full" and results["config"]["kept_visual_tokens_per_image"] == 16
+    config = results["configs"]["sparse_vqa"]
+    assert config["dataset_kwargs"] == {"load_from_disk": True} and config["dataset_path"] == task.dataset_path
 
 
 def test_compressed_mode(tmp_path, yes_no):

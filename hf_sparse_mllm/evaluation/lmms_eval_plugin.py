@@ -31,7 +31,7 @@ from .generation import (
     resolve_compression,
     to_pil,
 )
-from .tasks import Task, get_task, list_tasks, mean
+from .tasks import Task, get_task, list_tasks, lmms_eval_dataset_spec, mean
 
 try:  # lmms-eval is an optional extra: `pip install hf-sparse-mllm[eval]` or `make install-lmms-eval`
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -358,26 +358,7 @@ def export_lmms_eval_task(
     dataset_path = os.path.abspath(dataset_path)
     task_name = task_name or f"{task.name}_local"
     config: dict = {"task": task_name}
-    if os.path.isfile(os.path.join(dataset_path, "dataset_dict.json")):
-        config["dataset_path"] = dataset_path
-        config["dataset_kwargs"] = {"load_from_disk": True}
-    elif os.path.isfile(os.path.join(dataset_path, "state.json")):
-        # lmms-eval's load_from_disk expects a DatasetDict; a saved single Dataset is read through its arrow files.
-        config["dataset_path"] = "arrow"
-        config["dataset_kwargs"] = {"data_files": {task.split: os.path.join(dataset_path, "*.arrow")}}
-    elif os.path.isdir(dataset_path):
-        raise ValueError(
-            f"{dataset_path} is not a save_to_disk dataset folder (no dataset_dict.json or state.json); export a "
-            "save_to_disk folder or one parquet/JSON/JSONL/CSV file."
-        )
-    else:
-        builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(
-            os.path.splitext(dataset_path)[1].lower()
-        )
-        if builder is None:
-            raise ValueError(f"Cannot export a dataset file {dataset_path!r}: use parquet, JSON, JSONL or CSV.")
-        config["dataset_path"] = builder
-        config["dataset_kwargs"] = {"data_files": {task.split: dataset_path}}
+    config["dataset_path"], config["dataset_kwargs"] = lmms_eval_dataset_spec(dataset_path, task.split)
     module = __name__
     config.update(
         {

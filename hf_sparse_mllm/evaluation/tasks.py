@@ -213,13 +213,17 @@ class Task:
                 raise ValueError(f"Task {self.name!r}, dataset at {source}: {error}") from None
         return docs, n_original
 
+    def _lmms_eval_dataset(self) -> tuple[str | None, dict]:
+        if self.dataset_path is None or not os.path.exists(self.dataset_path):
+            return self.dataset_path, {}  # a Hub id, or samples built in memory
+        return lmms_eval_dataset_spec(self.dataset_path, self.split)
+
     def to_config(self) -> dict:
         """The task as an lmms-eval task config dict (what `results.json` reports under `configs`)."""
         return {
             "task": self.name,
-            "dataset_path": self.dataset_path,
+            **dict(zip(("dataset_path", "dataset_kwargs"), self._lmms_eval_dataset())),
             "dataset_name": self.dataset_name,
-            "dataset_kwargs": {"load_from_disk": True} if _is_saved_dataset(self.dataset_path) else {},
             "test_split": self.split,
             "output_type": "generate_until",
             "generation_kwargs": {
@@ -253,6 +257,28 @@ def _is_saved_dataset(path) -> bool:
 
 
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def lmms_eval_dataset_spec(path: str, split: str) -> tuple[str, dict]:
+    """The `dataset_path` and `dataset_kwargs` of an lmms-eval task YAML that reads the local dataset at `path`.
+
+    A `DatasetDict` folder uses lmms-eval's `load_from_disk: true` (which expects a `DatasetDict`); a single saved
+    `Dataset` is read through its arrow files, and a data file through its `datasets` builder.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return path, {"load_from_disk": True}
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return "arrow", {"data_files": {split: os.path.join(path, "*.arrow")}}
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{path} is not a save_to_disk dataset folder (no dataset_dict.json or state.json); use a save_to_disk "
+            "folder or one parquet/JSON/JSONL/CSV file."
+        )
+    builder = _FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+    if builder is None:
+        raise ValueError(f"Cannot read dataset file {path!r}: use parquet, JSON, JSONL or CSV.")
+    return builder, {"data_files": {split: path}}
 
 
 def load_docs(path: str, split: str = "test", dataset_name: str | None = None):
@@ -648,6 +674,7 @@ __all__ = [
     "Task",
     "get_task",
     "list_tasks",
+    "lmms_eval_dataset_spec",
     "load_docs",
     "mean",
     "mean_stderr",
