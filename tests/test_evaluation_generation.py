@@ -42,7 +42,7 @@ def test_prompt_leaves_out_the_answer(built):
     assert prompt.endswith("assistant :") and "red" not in prompt
 
 
-@pytest.mark.parametrize("compressor", ["divprune", "pool", "random"])
+@pytest.mark.parametrize("compressor", ["divprune", "pool", "random", "redundancy", "cls_attention"])
 def test_compressed_full_budget_equals_full(built, compressor):
     model, processor = built
     samples = make_dataset(4)
@@ -52,6 +52,10 @@ def test_compressed_full_budget_equals_full(built, compressor):
         token_compressor=compressor, keep_ratio=1.0,
     )  # fmt: skip
     assert same == full
+    half = generate_answers(
+        model, processor, samples, max_new_tokens=2, progress=False, token_compressor=compressor, keep_ratio=0.5
+    )
+    assert len(half) == 4 and all(isinstance(answer, str) for answer in half)
 
 
 def test_compressed_runs_and_shortens_the_prefill(built):

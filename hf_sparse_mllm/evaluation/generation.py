@@ -7,6 +7,7 @@ padding, decoding and the compressed-inference path.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -149,6 +150,22 @@ def resolve_compression(model, token_compressor, keep_ratio=None, num_keep=None)
     return compressor, k
 
 
+def _compressed_inference(model, inputs: dict, compressor: TokenCompressor | None, k: int | None):
+    """`(inputs, hooks)`: with a compressor, every image span shrunk to `k` placeholders and the adapter's hooks that
+    compress the projector output to `k` tokens (seeded selection, no mode isolator); else the inputs unchanged."""
+    if compressor is None:
+        return inputs, contextlib.nullcontext()
+    adapter = get_adapter(model)
+
+    def compress(features, context):
+        generator = torch.Generator().manual_seed(INFERENCE_SELECTION_SEED)
+        return compressor.compress(features, k, generator=generator, **context)
+
+    return adapter.shrink_image_spans(inputs, k), adapter.apply(
+        SparsePlan(compress=compress, needs=compressor.requires)
+    )
+
+
 @torch.inference_mode()
 def generate_from_prompts(
     model,
@@ -208,22 +225,9 @@ def generate_from_prompts(
     if kwargs.get("stop_strings"):
         kwargs.setdefault("tokenizer", tokenizer)
 
-    plan = SparsePlan()
-    adapter = None
-    if compressor is not None:
-        adapter = get_adapter(model)
-        inputs = adapter.shrink_image_spans(inputs, k)
-
-        def compress(features, context):
-            generator = torch.Generator().manual_seed(INFERENCE_SELECTION_SEED)
-            return compressor.compress(features, k, generator=generator, **context)
-
-        plan = SparsePlan(compress=compress, needs=compressor.requires)
+    inputs, hooks = _compressed_inference(model, inputs, compressor, k)
     input_len = inputs["input_ids"].shape[1]
-    if adapter is not None:
-        with adapter.apply(plan):
-            output = model.generate(**inputs, **kwargs)
-    else:
+    with hooks:
         output = model.generate(**inputs, **kwargs)
     new_tokens = output[:, input_len:]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -271,21 +275,9 @@ def continuation_logprob(
         key: (value.to(device, dtype) if torch.is_floating_point(value) else value.to(device))
         for key, value in batch.items()
     }
-    plan = SparsePlan()
-    adapter = get_adapter(model) if compressor is not None else None
-    if adapter is not None:
-        batch = adapter.shrink_image_spans(batch, k)
-
-        def compress(features, context):
-            generator = torch.Generator().manual_seed(INFERENCE_SELECTION_SEED)
-            return compressor.compress(features, k, generator=generator, **context)
-
-        plan = SparsePlan(compress=compress, needs=compressor.requires)
+    batch, hooks = _compressed_inference(model, batch, compressor, k)
     n = target.shape[1]
-    if adapter is not None:
-        with adapter.apply(plan):
-            logits = model(**batch, use_cache=False).logits
-    else:
+    with hooks:
         logits = model(**batch, use_cache=False).logits
     logits = logits[0, -n - 1 : -1].float()
     target = target[0].to(logits.device)
