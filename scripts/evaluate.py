@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -84,9 +83,8 @@ def main(args: EvaluateArguments) -> dict[str, dict]:
         format_results_table,
         get_task,
     )
-    from hf_sparse_mllm.evaluation.evaluator import _atomic_write, load_for_evaluation
+    from hf_sparse_mllm.evaluation.evaluator import _atomic_write, load_for_evaluation, task_for_model
     from hf_sparse_mllm.evaluation.generation import resolve_compression
-    from hf_sparse_mllm.evaluation.tasks import sparse_vqa_test_docs
 
     modes = {mode: parse_mode(mode) for mode in dict.fromkeys(args.modes)}
     tasks = []
@@ -94,12 +92,7 @@ def main(args: EvaluateArguments) -> dict[str, dict]:
         name, _, path = spec.partition("=")
         tasks.append(get_task(name, dataset_path=path or None))
     model, processor = load_for_evaluation(args.model_path, device=args.device, dtype=args.dtype)
-    vision = getattr(model.config, "vision_config", None)
-    for i, task in enumerate(tasks):
-        if task.name == "sparse_vqa" and task.dataset_path is None and vision is not None:
-            # Generate the test scenes at the model's geometry (objects one patch wide, as in training).
-            geometry = {"image_size": vision.image_size, "cell_size": vision.patch_size}
-            tasks[i] = replace(task, default_docs=partial(sparse_vqa_test_docs, **geometry))
+    tasks = [task_for_model(task, model) for task in tasks]  # sparse_vqa scenes at the model's image geometry
     for setting in modes.values():  # an unknown compressor or a bad budget fails before any generation
         resolve_compression(model, **setting)
     for task in tasks:  # so does a missing dataset or a wrong layout

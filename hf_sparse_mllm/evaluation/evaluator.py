@@ -13,7 +13,9 @@ training-inference mismatch of a sparse recipe (and what sparse inference would 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -83,6 +85,18 @@ def _as_task(task: Task | str) -> Task:
         name, _, path = task.partition("=")
         return get_task(name, dataset_path=path or None)
     raise TypeError(f"Expected a Task or a task name, got {type(task).__name__}.")
+
+
+def task_for_model(task: Task, model) -> Task:
+    """`task`, with `sparse_vqa`'s generated test scenes (used when it has no dataset_path) drawn at the model's
+    geometry: its image size, one vision patch per grid cell, as the training scenes were."""
+    from . import tasks as tasks_module
+
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    if task.dataset_path is not None or task.default_docs is not tasks_module.sparse_vqa_test_docs or vision is None:
+        return task
+    geometry = {"image_size": vision.image_size, "cell_size": vision.patch_size}
+    return dataclasses.replace(task, default_docs=functools.partial(tasks_module.sparse_vqa_test_docs, **geometry))
 
 
 def _json_safe(value: Any) -> Any:
@@ -285,7 +299,7 @@ def evaluate(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of samples, got {limit}.")
     compressor, k = resolve_compression(model, token_compressor, keep_ratio, num_keep)
-    tasks = [_as_task(task) for task in tasks]
+    tasks = [task_for_model(_as_task(task), model) for task in tasks]
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"Task names must be unique in one evaluation, got {names}.")
@@ -556,5 +570,6 @@ __all__ = [
     "load_for_evaluation",
     "metric_values",
     "results_to_eval_results",
+    "task_for_model",
     "write_results",
 ]
