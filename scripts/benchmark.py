@@ -1,6 +1,6 @@
 """Step-time benchmark: stock `Trainer` vs sparse steps (token compression, DualSpeed, layer skipping), one run.
 
-    python scripts/benchmark.py                          # both shapes, writes outputs/bench/steps.{json,md}
+    python scripts/benchmark.py                          # both shapes, writes benchmarks/steps.{json,md}
     python scripts/benchmark.py --shapes vit196 --steps 5 --batch-size 2
 
 Timings: every variant steps the same model on the same fixed batch, round-robin (stock, fast, slow, ... then again),
@@ -263,9 +263,13 @@ def main(argv=None):
     parser.add_argument("--slow-mode-prob", type=float, default=0.1, help="share of slow steps in the mix")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--output", default="outputs/bench")
+    # One thread on CPU by default: with several, every small op waits at an OpenMP barrier whenever another process
+    # holds a core, which inflates many-small-op steps (the sparse ones) far more than big-matmul steps.
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, all on GPU)")
+    parser.add_argument("--output", default="benchmarks")
     opts = vars(parser.parse_args(argv))
+    if opts["threads"] is None:
+        opts["threads"] = 1 if opts["device"] == "cpu" else torch.get_num_threads()
     torch.set_num_threads(opts["threads"])
     out = Path(opts.pop("output"))
     out.mkdir(parents=True, exist_ok=True)
