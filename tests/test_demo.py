@@ -88,3 +88,23 @@ def test_exact_match_and_table():
 def test_curve_steps():
     assert curve_steps(1500, 6) == [250, 500, 750, 1000, 1250, 1500]
     assert curve_steps(3, 6) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("image_size", [64, 96])
+def test_fast_collator_matches_stock_collator(image_size):
+    from dataclasses import replace
+
+    from hf_sparse_mllm.data.collator import VisionLanguageCollator
+    from hf_sparse_mllm.data.vqa import build_vqa_dataset
+    from hf_sparse_mllm.demo import DEMO_PRESETS, FastVisionLanguageCollator, build_model
+
+    config = replace(DEMO_PRESETS["quick"], image_size=image_size)
+    _, processor = build_model(config)
+    data = build_vqa_dataset(num_train=40, num_test=0, seed=3, image_size=image_size, cell_size=16)["train"]
+    rows = [data[i] for i in range(len(data))]
+    for start in (0, 16):
+        fast = FastVisionLanguageCollator(processor)(rows[start : start + 16])
+        stock = VisionLanguageCollator(processor)(rows[start : start + 16])
+        assert fast.keys() == stock.keys()
+        for key in stock:
+            torch.testing.assert_close(fast[key], stock[key], atol=1e-6, rtol=0, msg=key)
