@@ -148,6 +148,8 @@ class SparseMLLMConfig(PreTrainedConfig):
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}.")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}.")
+        if isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}.")
         self._validate_skipping()
@@ -170,6 +172,10 @@ class SparseMLLMConfig(PreTrainedConfig):
             raise ValueError(f"measure_every must be >= 1, got {self.measure_every}.")
         if self.layer_skip_policy == "fixed" and not self.skip_layers:
             raise ValueError("layer_skip_policy='fixed' needs skip_layers, a non-empty list of decoder layer indices.")
+        if self.skip_layers and self.layer_skip_policy != "fixed":
+            logger.warning(
+                "skip_layers is only used by layer_skip_policy='fixed'; it is ignored with %r.", self.layer_skip_policy
+            )
         if self.skip_layers is not None and any(i < 0 for i in self.skip_layers):
             raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers}.")
 

@@ -57,6 +57,11 @@ class ModeIsolator(nn.Module):
         self._register_state_dict_hook(_drop_own_state)
         self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Prepend the isolator tokens to every image: `(num_images, k, dim)` -> `(num_images, n + k, dim)`."""
+        tokens = self.tokens.to(features.dtype).unsqueeze(0).expand(features.shape[0], -1, -1)
+        return torch.cat([tokens, features], dim=1)
+
 
 def _drop_own_state(module, state_dict, prefix, local_metadata):
     for key in [k for k in state_dict if k.startswith(prefix)]:

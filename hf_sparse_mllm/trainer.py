@@ -8,8 +8,10 @@ from the seed and `state.global_step`) -> `compute_loss` (plain, fast or slow fo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -18,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.core_model_loading import revert_weight_conversion
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import hub
 from .adapters import SparsePlan, get_adapter
@@ -140,10 +142,17 @@ class SparseMLLMTrainer(Trainer):
 
         if args is None:
             args = TrainingArguments(output_dir="trainer_output")
+        _check_training_arguments(args, sparse_config, compute_loss_func=kwargs.get("compute_loss_func"))
         # A fast step leaves the isolator or (with vision_feature_layer=-2) vision parameters without gradients.
         if args.ddp_find_unused_parameters is None:
+            args = copy.copy(args)
             args.ddp_find_unused_parameters = True
         super().__init__(model, args, *pargs, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "SparseMLLMTrainer does not support torch.nn.DataParallel (several GPUs in one process): launch one "
+                "process per GPU with `torchrun --nproc_per_node N` or `accelerate launch`."
+            )
 
         self._step_context: dict | None = None
         self._context_step = -1
@@ -153,6 +162,8 @@ class SparseMLLMTrainer(Trainer):
         self._samples_since_log = 0
         self._last_log_time = time.perf_counter()
         self._redundancy: list[float] | None = None  # last measured per-layer input/output similarity
+        self._measure_sink: dict = {}
+        self._measure_step = -1
         self._skip_counts = [0] * len(self.adapter.decoder_layers())
         self._counted_step = -1
         logger.info(
@@ -216,8 +227,21 @@ class SparseMLLMTrainer(Trainer):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.isolator is not None and self.optimizer is not None:
+            if not any(p is self.isolator.tokens for group in self.optimizer.param_groups for p in group["params"]):
+                raise ValueError(
+                    "The optimizer passed to SparseMLLMTrainer does not hold the mode isolator "
+                    "(`model.sparse_mllm_isolator.tokens`): build it after creating the trainer, or let the trainer "
+                    "create it."
+                )
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            # Here rather than in `_load_from_checkpoint`, which DeepSpeed runs skip.
+            self._load_sparse_state(resume_from_checkpoint)
+        self._last_log_time = time.perf_counter()
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.create_model_card()  # the card describes the finished run too (main process only)
         return output
 
@@ -236,32 +260,45 @@ class SparseMLLMTrainer(Trainer):
                 for layer in skip:
                     self._skip_counts[layer] += 1
         layers = self.adapter.decoder_layers()
-        measured: dict[int, list[float]] = {}
+        measuring = self.is_measuring_step(step)
+        if measuring and step != self._measure_step:  # a new measurement spans the whole accumulation window
+            self._measure_step, self._measure_sink = step, {}
         with contextlib.ExitStack() as stack:
             # The bypass spans forward and backward: activation checkpointing replays forwards during backward.
             stack.enter_context(bypass_layers(layers, skip))
-            if self.is_measuring_step(step):
-                stack.enter_context(measure_layer_redundancy(layers, measured))
+            if measuring:
+                stack.enter_context(measure_layer_redundancy(layers, self._measure_sink))
             try:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._step_context = None
                 self._micro_step += 1
-        if measured:
-            self._update_redundancy(measured)
+                self._measure_sink.pop("mask", None)
+        if measuring:
+            self._update_redundancy()
         return loss
 
-    def _update_redundancy(self, measured: dict[int, list[float]]) -> None:
-        """Average the measurement over this process's forward passes, then over processes, so every process holds
-        the same values and therefore takes the same skip decisions."""
-        local = torch.tensor(
-            [sum(measured.get(i, [0.0])) / max(len(measured.get(i, [])), 1) for i in range(len(self._skip_counts))],
-            dtype=torch.float64,
-            device=self.args.device,
-        )
+    def _update_redundancy(self) -> None:
+        """Token-weighted mean similarity over the window so far, summed over processes first, so that every process
+        holds the same values and takes the same skip decisions."""
+        num_layers = len(self._skip_counts)
+        sums = [self._measure_sink.get(i, [0.0, 0])[0] for i in range(num_layers)]
+        counts = [self._measure_sink.get(i, [0.0, 0])[1] for i in range(num_layers)]
+        stats = torch.tensor(sums + counts, dtype=torch.float64, device=self.args.device)
         if self.accelerator.num_processes > 1:
-            local = self.accelerator.reduce(local, reduction="mean")
-        self._redundancy = [round(v, 6) for v in local.tolist()]
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        values = (stats[:num_layers] / stats[num_layers:].clamp(min=1)).tolist()
+        if not all(math.isfinite(v) for v in values):
+            logger.warning(
+                "Non-finite layer redundancy measured at step %s; keeping the previous one.", self.state.global_step
+            )
+            return
+        self._redundancy = [round(v, 6) for v in values]
+
+    def _note_forward_mask(self, attention_mask) -> None:
+        """Let a running redundancy measurement leave the padding of the next forward out."""
+        if self._step_context is not None and self._measure_step == self._step_context["step"]:
+            self._measure_sink["mask"] = attention_mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.adapter.check_batch(inputs)
@@ -273,7 +310,10 @@ class SparseMLLMTrainer(Trainer):
             and "labels" in inputs
             and not return_outputs
         )
+        if sparse:
+            self._check_sparse_batch(inputs)
         if not sparse:
+            self._note_forward_mask(inputs.get("attention_mask"))
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if context is None:
                 return result  # evaluation / prediction: untouched
@@ -324,13 +364,27 @@ class SparseMLLMTrainer(Trainer):
             batch = shrunk
             plan.compress = self._compress_fn(k)
             plan.needs = self.compressor.requires
-            plan.isolator = self.isolator.tokens if self.isolator is not None else None
+            plan.isolator = self.isolator
         targets = next_token_targets(labels)
         plan.logit_positions = targets != -100
+        self._note_forward_mask(batch.get("attention_mask"))
         with self.adapter.apply(plan):
             outputs = model(**batch, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         return logits, targets[plan.logit_positions], batch["input_ids"].shape[1]
+
+    def _check_sparse_batch(self, inputs) -> None:
+        image = inputs["input_ids"] == self.adapter.image_token_id
+        if bool((inputs["labels"][image] != -100).any()):
+            raise ValueError(
+                "Token compression needs labels of -100 on the image placeholder tokens (they are not predicted; "
+                "their number changes on fast steps). Mask them in your collator, as VisionLanguageCollator does."
+            )
+        if "position_ids" in inputs and inputs.get("attention_mask") is None:
+            raise ValueError(
+                "Packed (padding-free) batches are not supported with token compression: pass padded batches with "
+                "an attention_mask."
+            )
 
     def _compress_fn(self, k: int):
         context = self._step_context
@@ -358,6 +412,15 @@ class SparseMLLMTrainer(Trainer):
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     # ---- logging -----------------------------------------------------------------------------------------------
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        # Logging, evaluation and checkpointing are not training: keep them out of sparse/samples_per_second.
+        if self._samples_since_log == 0:  # just logged: the next interval starts now
+            self._last_log_time = time.perf_counter()
+        else:
+            self._last_log_time += time.perf_counter() - start
 
     def _record(self, name: str, value: float) -> None:
         self._metric_sums[name] += float(value)
@@ -481,14 +544,42 @@ class SparseMLLMTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
-        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
-        state_dict = load_file(weights) if os.path.isfile(weights) and not self.is_fsdp_enabled else None
-        mapped = _checkpoint_to_module_keys(model, state_dict) if state_dict is not None else None
-        if mapped is not None:
-            self._issue_warnings_after_load(model.load_state_dict(mapped, strict=False))
+        result = None if self.is_fsdp_enabled else _load_checkpoint_weights(model, resume_from_checkpoint)
+        if result is not None:
+            self._issue_warnings_after_load(result)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_sparse_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            result = _load_checkpoint_weights(self.model, best)
+            if result is not None:
+                logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+                self._issue_warnings_after_load(result)
+                return
+        super()._load_best_model()
+
+
+def _load_checkpoint_weights(model, folder: str):
+    """Load a `save_pretrained` folder (one safetensors file or an index of shards) into `model` by module name.
+
+    Returns the `load_state_dict` result, or `None` when the folder has no safetensors weights or its keys are not a
+    pure renaming of the model's (the stock loader is used then).
+    """
+    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+    else:
+        return None
+    state_dict = {}
+    for file in files:
+        state_dict.update(load_file(file))
+    mapped = _checkpoint_to_module_keys(model, state_dict)
+    return None if mapped is None else model.load_state_dict(mapped, strict=False)
 
 
 def _checkpoint_to_module_keys(model, state_dict: dict) -> dict | None:
@@ -504,3 +595,27 @@ def _checkpoint_to_module_keys(model, state_dict: dict) -> dict | None:
     if None in saved_to_module.values() or not set(state_dict) <= set(saved_to_module):
         return None
     return {saved_to_module[key]: tensor for key, tensor in state_dict.items()}
+
+
+def _check_training_arguments(args, sparse_config, compute_loss_func=None) -> None:
+    """Combinations that would silently train something else, or crash deep inside torch."""
+    if sparse_config.compression_enabled and (compute_loss_func is not None or args.label_smoothing_factor):
+        raise ValueError(
+            "Sparse (fast/slow) steps compute their own cross-entropy and distillation loss: compute_loss_func and "
+            "label_smoothing_factor are not supported with token compression (set token_compressor=None to use them)."
+        )
+    if sparse_config.layer_skip_policy is not None and args.ddp_static_graph:
+        raise ValueError(
+            "ddp_static_graph=True cannot be combined with layer skipping: the set of used layers changes."
+        )
+    checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    kwargs = (
+        getattr(args, "activation_checkpointing_kwargs", None)
+        or getattr(args, "gradient_checkpointing_kwargs", None)
+        or {}
+    )
+    if checkpointing and kwargs.get("use_reentrant") and args.world_size > 1:
+        raise ValueError(
+            "Reentrant activation checkpointing hides parameters from DDP's unused-parameter search, which sparse "
+            "steps need: pass activation_checkpointing_kwargs={'use_reentrant': False}."
+        )

@@ -326,3 +326,29 @@ def test_bad_skip_config_for_model_depth(tmp_path, kwargs, pattern):
     model, _ = tiny_llava(num_hidden_layers=LAYERS)
     with pytest.raises(ValueError, match=pattern):
         SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig(**kwargs))
+
+
+def test_bypass_restores_an_existing_instance_forward():
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+    calls = []
+    original = layers[1].forward
+
+    def hooked(*args, **kwargs):  # what accelerate's dispatch hooks install
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layers[1].forward = hooked
+    with bypass_layers(layers, [1]):
+        assert torch.equal(layers[1](torch.ones(1, 2)), torch.ones(1, 2))
+    layers[1](torch.ones(1, 2))
+    assert calls == [1] and vars(layers[1])["forward"] is hooked
+
+
+def test_redundancy_measurement_ignores_padding():
+    from hf_sparse_mllm.skipping.analysis import analyze_redundancy
+
+    values = []
+    for side in ("left", "right"):
+        model, processor = tiny_llava(padding_side=side, num_hidden_layers=3)
+        values.append(analyze_redundancy(model, [collate(processor, make_dataset(3))]).layer_similarity)
+    np.testing.assert_allclose(values[0], values[1], atol=1e-4)

@@ -259,3 +259,107 @@ def test_placeholder_mismatch_is_a_clear_error(tmp_path, compressor):
     )
     with pytest.raises(ValueError, match="image placeholder tokens"):
         trainer.training_step(model, batch, num_items_in_batch=None)
+
+
+# ---- robustness: checkpoints, bad combinations ------------------------------------------------------------------
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    model, processor = tiny_llava()
+    args = training_args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        learning_rate=5e-3,
+    )
+    trainer = SparseMLLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset(8),
+        eval_dataset=make_dataset(4),
+        data_collator=VisionLanguageCollator(processor),
+        sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.5, slow_mode_prob=0.0),
+    )
+    trainer.train()
+    best = LlavaForConditionalGeneration.from_pretrained(trainer.state.best_model_checkpoint)
+    for name, tensor in best.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+
+
+def test_sharded_checkpoint_loads_by_module_name(tmp_path):
+    from hf_sparse_mllm.trainer import _load_checkpoint_weights
+
+    model, _ = tiny_llava()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    other, _ = tiny_llava(seed=1)
+    result = _load_checkpoint_weights(other, str(tmp_path / "sharded"))
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[name], tensor, msg=name)
+
+
+def test_labels_on_image_tokens_are_refused_with_compression(tmp_path):
+    model, processor = tiny_llava()
+    batch = collate(processor, make_dataset(2))
+    batch["labels"] = batch["input_ids"].clone()
+    trainer = SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig())
+    with pytest.raises(ValueError, match="labels of -100 on the image placeholder"):
+        trainer.training_step(model, batch, num_items_in_batch=None)
+
+
+def test_custom_losses_are_refused_with_compression(tmp_path):
+    model, _ = tiny_llava()
+    with pytest.raises(ValueError, match="label_smoothing_factor are not supported"):
+        SparseMLLMTrainer(model=model, args=training_args(tmp_path, label_smoothing_factor=0.1))
+    SparseMLLMTrainer(
+        model=model, args=training_args(tmp_path, label_smoothing_factor=0.1), sparse_config=SparseMLLMConfig(**OFF)
+    )
+
+
+def test_reentrant_checkpointing_under_ddp_is_refused():
+    from types import SimpleNamespace
+
+    from hf_sparse_mllm.trainer import _check_training_arguments
+
+    args = SimpleNamespace(
+        world_size=2,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+        ddp_static_graph=False,
+        label_smoothing_factor=0.0,
+    )
+    with pytest.raises(ValueError, match="use_reentrant"):
+        _check_training_arguments(args, SparseMLLMConfig())
+    args.activation_checkpointing_kwargs = {"use_reentrant": False}
+    _check_training_arguments(args, SparseMLLMConfig())
+    args.ddp_static_graph = True
+    with pytest.raises(ValueError, match="ddp_static_graph"):
+        _check_training_arguments(args, SparseMLLMConfig(layer_skip_policy="stochastic"))
+
+
+def test_user_optimizer_without_isolator_is_refused(tmp_path):
+    model, processor = tiny_llava()
+    optimizer = torch.optim.AdamW(model.parameters())  # built before the trainer attached the isolator
+    trainer = SparseMLLMTrainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=make_dataset(4),
+        data_collator=VisionLanguageCollator(processor),
+        optimizers=(optimizer, None),
+    )
+    with pytest.raises(ValueError, match="does not hold the mode isolator"):
+        trainer.train()
+
+
+def test_args_are_not_mutated(tmp_path):
+    model, _ = tiny_llava()
+    args = training_args(tmp_path)
+    assert args.ddp_find_unused_parameters is None
+    trainer = SparseMLLMTrainer(model=model, args=args)
+    assert args.ddp_find_unused_parameters is None and trainer.args.ddp_find_unused_parameters is True

@@ -55,14 +55,15 @@ class SparsePlan:
     Args:
         compress (`Callable` or `None`): maps projected features `(num_images, num_tokens, dim)` and a context dict
             to the kept features `(num_images, k, dim)`; `None` keeps every token.
-        isolator (`torch.Tensor` or `None`): `(num_isolator_tokens, dim)` prepended to every image's tokens.
+        isolator (`nn.Module` or `None`): called on the kept features `(num_images, k, dim)`; returns them with the
+            mode-isolator tokens prepended to every image (a module call, so sharded parameters are gathered).
         logit_positions (`torch.Tensor` or `None`): boolean `(batch, seq)` mask; when set, the LM head only sees the
             hidden states at these positions (flattened to `(1, P, hidden)`), which saves the vocabulary projection of
             every other position.
     """
 
     compress: Callable[[torch.Tensor, dict], torch.Tensor] | None = None
-    isolator: torch.Tensor | None = None
+    isolator: nn.Module | None = None
     logit_positions: torch.Tensor | None = None
     needs: frozenset[str] = frozenset()
     record: dict = field(default_factory=dict)
@@ -149,8 +150,7 @@ class ArchitectureAdapter:
                     features = plan.compress(features, context)
                 plan.record["kept_tokens_per_image"] = features.shape[1]
                 if plan.isolator is not None:
-                    iso = plan.isolator.to(features.dtype).unsqueeze(0).expand(features.shape[0], -1, -1)
-                    features = torch.cat([iso, features], dim=1)
+                    features = plan.isolator(features)
                 return features
 
             handles.append(self.projector().register_forward_hook(on_projector_output))

@@ -108,7 +108,7 @@ def analyze_redundancy(model, batches, max_batches: int | None = None) -> Redund
     was_training = model.training
     model.eval()
     layers = adapter.decoder_layers()
-    similarity: dict[int, list[float]] = {}
+    similarity: dict = {}
     token_sums, num_images = None, 0
     grid = adapter.grid_size()
 
@@ -129,12 +129,13 @@ def analyze_redundancy(model, batches, max_batches: int | None = None) -> Redund
                 device = next(model.parameters()).device
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 batch.pop("labels", None)
+                similarity["mask"] = batch.get("attention_mask")
                 model(**batch, use_cache=False)
     finally:
         handle.remove()
         model.train(was_training)
     return RedundancyReport(
-        layer_similarity=[round(sum(v) / len(v), 6) for _, v in sorted(similarity.items())],
+        layer_similarity=[round(similarity[i][0] / max(similarity[i][1], 1), 6) for i in range(len(layers))],
         visual_token_redundancy=[]
         if token_sums is None
         else [round(v, 6) for v in (token_sums / num_images).tolist()],

@@ -23,26 +23,43 @@ def bypass_layers(layers: nn.ModuleList, skip: Iterable[int]) -> Iterator[None]:
     checkpointing replays forwards during backward and must replay the same depth.
     """
     skipped = [layers[i] for i in sorted(set(skip))]
+    # Accelerate's dispatch hooks (device_map, offloading) also live in the instance's `forward`: put them back.
+    previous = [vars(layer).get("forward") for layer in skipped]
     for layer in skipped:
         layer.forward = _identity
     try:
         yield
     finally:
-        for layer in skipped:
-            del layer.forward
+        for layer, forward in zip(skipped, previous):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 @contextlib.contextmanager
-def measure_layer_redundancy(layers: nn.ModuleList, sink: dict[int, list[float]]) -> Iterator[None]:
-    """Record, per layer, the cosine similarity between its input and output hidden states (mean over tokens)."""
+def measure_layer_redundancy(layers: nn.ModuleList, sink: dict) -> Iterator[None]:
+    """Accumulate, per layer, the cosine similarity between its input and output hidden states over real tokens.
+
+    `sink[i]` becomes `[sum of similarities, number of tokens]`; if the caller puts the forward's `(batch, seq)`
+    attention mask under `sink["mask"]`, padding positions are left out.
+    """
 
     def hook(index):
         def record(module, args, kwargs, output):
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
             with torch.no_grad():
-                sim = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1).mean()
-            sink.setdefault(index, []).append(float(sim))
+                sim = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+                mask = sink.get("mask")
+                if mask is not None and mask.shape == sim.shape:
+                    keep = mask.to(sim.device).bool()
+                    total, count = float(sim[keep].sum()), int(keep.sum())
+                else:
+                    total, count = float(sim.sum()), sim.numel()
+            entry = sink.setdefault(index, [0.0, 0])
+            entry[0] += total
+            entry[1] += count
 
         return record
 

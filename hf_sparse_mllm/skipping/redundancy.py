@@ -30,7 +30,8 @@ class RedundancySkipPolicy(SkipPolicy):
         scores = np.asarray(redundancy, dtype=np.float64)[layers]
         probs = skip_probabilities(np.exp((scores - scores.max()) / self.temperature), count, max_skip_prob)
         points = rng.random() + np.arange(count)
-        chosen = np.searchsorted(np.cumsum(probs), points, side="right")
+        # Clamp: float rounding can leave the last cumulative sum a hair below `count`.
+        chosen = np.minimum(np.searchsorted(np.cumsum(probs), points, side="right"), len(layers) - 1)
         return tuple(sorted(int(layers[i]) for i in chosen))
 
 
