@@ -26,28 +26,16 @@ from pathlib import Path
 import torch
 
 # LLaVA-1.5 proportions at a size a CPU can step: the language model dominates the step, the tower is frozen.
-SHAPES = {
-    "llava15": dict(
-        preset="llava15",
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        vision_hidden_size=64,
-        vision_layers=2,
-        vision_feature_layer=-2,
-    ),
-    "vit196": dict(
-        preset="vit196",
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        vision_hidden_size=64,
-        vision_layers=2,
-        vision_feature_layer=-2,
-    ),
-}
+_TINY_LM = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    vision_hidden_size=64,
+    vision_layers=2,
+    vision_feature_layer=-2,
+)
+SHAPES = {"llava15": dict(preset="llava15", **_TINY_LM), "vit196": dict(preset="vit196", **_TINY_LM)}
 WORDS = "describe the picture in detail please and tell me what you see there".split()
 # name -> (mode, fraction of decoder layers skipped)
 VARIANTS = {

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 WORDS = ["what", "color", "shape", "is", "the", "object", "red", "green", "blue", "circle", "square", "yes", "no", "a"]
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -61,6 +61,17 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     )
     defaults.update(overrides)
     return TrainingArguments(**defaults)
+
+
+class StopAt(TrainerCallback):
+    """Stops training after `step` optimizer steps, as a killed job would (the schedule keeps its full length)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
 
 
 def collate(processor, samples):

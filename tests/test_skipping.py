@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import collate, make_dataset, tiny_llava, training_args
-from transformers import Trainer, TrainerCallback
+from conftest import StopAt, collate, make_dataset, tiny_llava, training_args
+from transformers import Trainer
 
 from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
@@ -217,15 +217,6 @@ def test_stage_aware_scheduling(tmp_path):
     assert any(everywhere.skipped_layers(s) for s in range(50))
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 def test_redundancy_decisions_and_losses_survive_resume(tmp_path):
     config = SparseMLLMConfig(
         token_compressor="divprune",
@@ -250,7 +241,7 @@ def test_redundancy_decisions_and_losses_survive_resume(tmp_path):
             sparse_config=config,
         )
         if stop:
-            trainer.add_callback(_StopAt(stop))
+            trainer.add_callback(StopAt(stop))
         trainer.train(resume_from_checkpoint=resume)
         logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
         return trainer, logs

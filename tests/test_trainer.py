@@ -7,9 +7,9 @@ import logging
 
 import pytest
 import torch
-from conftest import collate, make_dataset, tiny_llava, training_args
+from conftest import StopAt, collate, make_dataset, tiny_llava, training_args
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, Trainer, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, Trainer
 
 from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
@@ -121,15 +121,6 @@ def test_dualspeed_training_end_to_end(tmp_path, caplog):
         torch.testing.assert_close(tensor, model.state_dict()[name], msg=name)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 def test_resume_reproduces_modes_and_losses(tmp_path):
     config = SparseMLLMConfig(token_compressor="random", keep_ratio=0.25, slow_mode_prob=0.5, stage="instruction")
 
@@ -146,7 +137,7 @@ def test_resume_reproduces_modes_and_losses(tmp_path):
             sparse_config=config,
         )
         if max_steps < 6:  # the same 6-step job, killed after `max_steps` steps
-            trainer.add_callback(_StopAt(max_steps))
+            trainer.add_callback(StopAt(max_steps))
         trainer.train(resume_from_checkpoint=resume)
         return trainer, {e["step"]: e for e in trainer.state.log_history if "loss" in e}
 
