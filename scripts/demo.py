@@ -1,6 +1,6 @@
 """`make demo`: train a tiny LLaVA with the stock `Trainer` and with `SparseMLLMTrainer`, compare speed and accuracy.
 
-    python scripts/demo.py                        # the full demo (about 15 minutes on 2 CPU cores)
+    python scripts/demo.py                        # the full demo (about 15 minutes on an idle 2-core CPU)
     python scripts/demo.py --quick                # a smoke run (well under a minute)
     python scripts/demo.py --steps 3000 --train-samples 40000 --output outputs/demo-long
     python scripts/demo.py --keep-ratio 0.1 --compressor divprune --slow-mode-prob 0.1
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=int, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
     parser.add_argument("--compressor", help="sparse run's token compressor (default divprune)")
     parser.add_argument("--keep-ratio", type=float, help="sparse run's keep ratio")
     parser.add_argument("--slow-mode-prob", type=float, help="sparse run's slow-step probability")

@@ -44,7 +44,7 @@ def test_quick_demo_writes_the_report(quick_demo):
     assert saved["speedup"] > 0
     assert set(saved["runs"]) == {"baseline", "sparse"}
     for run in saved["runs"].values():
-        assert run["train_seconds"] > 0
+        assert run["train_seconds"] > 0 and run["train_cpu_seconds"] > 0
         assert 0.0 <= run["accuracy"] <= 1.0
         assert {"overall", "color", "shape", "exist"} <= run["accuracy_by_family"].keys()
         assert run["loss_history"] and run["curve"]
@@ -82,7 +82,7 @@ def test_exact_match_and_table():
     run = {"train_seconds": 10.0, "accuracy": 2 / 3, "accuracy_by_family": accuracy}
     report = {"runs": {"baseline": run, "sparse": {**run, "train_seconds": 5.0}}, "blind_baseline": accuracy}
     table = format_table(report)
-    assert "| sparse | 5.0 | 2.00x | 66.7 |" in table
+    assert "| sparse | 5.0 | 2.00x | - | - | 66.7 |" in table
 
 
 def test_curve_steps():
