@@ -1,8 +1,9 @@
 """`SparseMLLMTrainer`: a drop-in `transformers.Trainer` that trains vision-language models on fewer visual tokens.
 
-Reading order: `__init__` (attach the mode isolator, resolve the stage) -> `training_step` (decide the step's mode
-from the seed and `state.global_step`) -> `compute_loss` (plain, fast or slow forward through the wrapped model) ->
-`log` (sparse metrics averaged across processes) -> checkpoint hooks (isolator saved beside, never inside, weights).
+Reading order: `__init__` (attach the mode isolator, resolve the stage, check the arguments) -> `training_step`
+(decide the step's mode and skipped layers from the seed and `state.global_step`; bypass those layers over forward and
+backward) -> `compute_loss` (plain, fast or slow forward through the wrapped model) -> `log` (sparse metrics averaged
+across processes) -> saving and loading (isolator and skip state saved beside, never inside, the weights).
 """
 
 from __future__ import annotations
@@ -310,8 +311,6 @@ class SparseMLLMTrainer(Trainer):
             and "labels" in inputs
             and not return_outputs
         )
-        if sparse:
-            self._check_sparse_batch(inputs)
         if not sparse:
             self._note_forward_mask(inputs.get("attention_mask"))
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -328,6 +327,7 @@ class SparseMLLMTrainer(Trainer):
                 self._record("seq_len", inputs["input_ids"].shape[1])
             return (loss, result[1]) if return_outputs else loss
 
+        self._check_sparse_batch(inputs)
         if context["mode"] == FAST:
             logits, targets, seq_len = self._answer_logits(model, inputs, compressed=True)
             total = token_ce_sum(logits, targets)
