@@ -9,6 +9,7 @@ built from a config, the tokenizer is a word-level one.
 >>> from hf_sparse_mllm.demo import DemoConfig, DEMO_PRESETS
 >>> DEMO_PRESETS["default"].num_visual_tokens
 36
+
 ```
 """
 

@@ -85,6 +85,14 @@ def test_exact_match_and_table():
     assert "| sparse | 5.0 | 2.00x | - | - | 66.7 |" in table
 
 
+def test_docstring_examples():
+    import doctest
+
+    import hf_sparse_mllm.demo
+
+    assert doctest.testmod(hf_sparse_mllm.demo).failed == 0
+
+
 def test_curve_steps():
     assert curve_steps(1500, 6) == [250, 500, 750, 1000, 1250, 1500]
     assert curve_steps(3, 6) == [1, 2, 3]
