@@ -53,26 +53,38 @@ class DemoConfig:
         image_size (`int`, *optional*, defaults to `96`): canvas side in pixels (also the vision tower's input).
         patch_size (`int`, *optional*, defaults to `16`): vision patch side; `(image_size // patch_size) ** 2` tokens.
         cell_size (`int`, *optional*, defaults to `16`): scene grid cell; objects fill one cell, aligned to patches.
+        max_objects (`int`, *optional*, defaults to `5`): most objects per scene.
+        families (`tuple[str, ...]`, *optional*): question families (default all five, equally weighted).
+        line_width (`int`, *optional*, defaults to `2`): outline width of the shapes (`0` fills them).
+        image_first (`bool`, *optional*, defaults to `False`): image before the question (see
+            [`~hf_sparse_mllm.data.vqa.build_vqa_dataset`] for why the default is after).
         train_samples (`int`, *optional*, defaults to `20000`): generated training question-answer pairs.
         test_samples (`int`, *optional*, defaults to `1000`): generated test pairs (the final evaluation).
         curve_samples (`int`, *optional*, defaults to `250`): test pairs evaluated at each curve checkpoint.
         curve_points (`int`, *optional*, defaults to `6`): checkpoints of the accuracy-vs-time curve.
         hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vision_hidden_size, vision_layers:
             the tiny LLaVA's shape (see [`~hf_sparse_mllm.tiny.TinyLlavaPreset`]).
-        learning_rate (`float`, *optional*, defaults to `6e-4`): AdamW peak learning rate.
-        warmup_steps (`int`, *optional*, defaults to `200`): linear warm-up, then cosine decay.
+        learning_rate (`float`, *optional*, defaults to `3e-4`): AdamW peak learning rate (6e-4 and above stall on the
+            question-only plateau; see the README's learnability sweep).
+        warmup_steps (`int`, *optional*, defaults to `100`): linear warm-up, then cosine decay.
         batch_size (`int`, *optional*, defaults to `32`): samples per optimizer step.
-        max_steps (`int`, *optional*, defaults to `3000`): optimizer steps of each run.
+        max_steps (`int`, *optional*, defaults to `2500`): optimizer steps of each run.
         logging_steps (`int`, *optional*, defaults to `50`): loss logging interval.
         seed (`int`, *optional*, defaults to `0`): seed of the weights, the data order and the data.
         threads (`int`, *optional*, defaults to `1`): `torch.set_num_threads`. One thread by default: with more, every
             small operation waits at a thread barrier whenever another process holds a core (see README, Performance).
+        dataloader_workers (`int`, *optional*, defaults to `1`): `dataloader_num_workers`. One worker decodes the PNGs
+            and collates the next batch on the second core while the step runs (about 40 ms of a 200 ms step otherwise).
         token_compressor, keep_ratio, slow_mode_prob, num_isolator_tokens: the sparse run's recipe.
     """
 
     image_size: int = 96
     patch_size: int = 16
     cell_size: int = 16
+    max_objects: int = 5
+    families: tuple[str, ...] | None = None
+    line_width: int = 2
+    image_first: bool = False
     train_samples: int = 20_000
     test_samples: int = 1_000
     curve_samples: int = 250
@@ -83,13 +95,14 @@ class DemoConfig:
     num_attention_heads: int = 4
     vision_hidden_size: int = 128
     vision_layers: int = 2
-    learning_rate: float = 6e-4
-    warmup_steps: int = 200
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
     batch_size: int = 32
-    max_steps: int = 3000
+    max_steps: int = 2500
     logging_steps: int = 50
     seed: int = 0
     threads: int = 1
+    dataloader_workers: int = 1
     token_compressor: str | None = "divprune"
     keep_ratio: float = 0.25
     slow_mode_prob: float = 0.1
@@ -130,6 +143,7 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
         vision_layers=1,
         batch_size=8,
         max_steps=3,
+        dataloader_workers=0,
         warmup_steps=1,
         logging_steps=1,
         eval_batch_size=16,
@@ -144,7 +158,8 @@ def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outp
     """Generate the VQA dataset for `config` (or load it from `cache_dir`, where it is saved after generation)."""
     name = (
         f"vqa-{config.image_size}px-cell{config.cell_size}-train{config.train_samples}-test{config.test_samples}"
-        f"-seed{config.seed}"
+        f"-seed{config.seed}-obj{config.max_objects}-line{config.line_width}{'-imagefirst' if config.image_first else ''}"
+        + ("-" + "-".join(config.families) if config.families else "")
     )
     path = Path(cache_dir) / name if cache_dir is not None else None
     if path is not None and (path / "dataset_dict.json").is_file():
@@ -156,6 +171,10 @@ def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outp
         seed=config.seed,
         image_size=config.image_size,
         cell_size=config.cell_size,
+        families=config.families,
+        max_objects=config.max_objects,
+        line_width=config.line_width,
+        image_first=config.image_first,
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +408,7 @@ def train_and_evaluate(
         seed=config.seed,
         data_seed=config.seed,
         disable_tqdm=not progress,
-        dataloader_num_workers=0,
+        dataloader_num_workers=config.dataloader_workers,
     )
     common = dict(
         model=model,

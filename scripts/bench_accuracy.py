@@ -34,12 +34,13 @@ from hf_sparse_mllm.data.vqa import FAMILIES, blind_baseline  # noqa: E402
 from hf_sparse_mllm.demo import DEMO_PRESETS, machine_info, prepare_data, train_and_evaluate  # noqa: E402
 
 
-def recipe(compressor, keep_ratio, slow_mode_prob=0.1, num_isolator_tokens=4):
+def recipe(compressor, keep_ratio, slow_mode_prob=0.1, num_isolator_tokens=4, **layer_skipping):
     return dict(
         token_compressor=compressor,
         keep_ratio=keep_ratio,
         slow_mode_prob=slow_mode_prob,
         num_isolator_tokens=num_isolator_tokens,
+        **layer_skipping,
     )
 
 
@@ -53,6 +54,10 @@ RECIPES = {
     "dualspeed-random-0.25": recipe("random", 0.25),
     "dualspeed-pool-0.25": recipe("pool", 0.25),
     "dualspeed-redundancy-0.25": recipe("redundancy", 0.25),
+    # The full Sparse Training Scheme: compression + DualSpeed + layer skipping on fast steps (slow steps run all
+    # layers). With 4 decoder layers and the first and last protected, skip_ratio 0.25 drops one middle layer a step.
+    "sts-divprune-0.1-skip0.25": recipe("divprune", 0.1, layer_skip_policy="redundancy", skip_ratio=0.25),
+    "sts-divprune-0.1-stochastic": recipe("divprune", 0.1, layer_skip_policy="stochastic", max_skip_prob=0.5),
 }
 DEFAULT_RECIPES = "baseline,dualspeed-divprune-0.25,naive-divprune-0.25,dualspeed-divprune-0.1,naive-divprune-0.1"
 # The compressed evaluation of the baseline (which has no recipe of its own).

@@ -38,6 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--workers", type=int, help="dataloader worker processes (default 1: data on the second core)")
     parser.add_argument("--compressor", help="sparse run's token compressor (default divprune)")
     parser.add_argument("--keep-ratio", type=float, help="sparse run's keep ratio")
     parser.add_argument("--slow-mode-prob", type=float, help="sparse run's slow-step probability")
@@ -57,6 +58,7 @@ def main(argv=None) -> dict:
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "threads": args.threads,
+        "dataloader_workers": args.workers,
         "token_compressor": args.compressor,
         "keep_ratio": args.keep_ratio,
         "slow_mode_prob": args.slow_mode_prob,

@@ -98,8 +98,8 @@ def test_curve_steps():
     assert curve_steps(3, 6) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("image_size", [64, 96])
-def test_fast_collator_matches_stock_collator(image_size):
+@pytest.mark.parametrize("image_size,image_first", [(64, False), (96, False), (64, True)])
+def test_fast_collator_matches_stock_collator(image_size, image_first):
     from dataclasses import replace
 
     from hf_sparse_mllm.data.collator import VisionLanguageCollator
@@ -108,7 +108,9 @@ def test_fast_collator_matches_stock_collator(image_size):
 
     config = replace(DEMO_PRESETS["quick"], image_size=image_size)
     _, processor = build_model(config)
-    data = build_vqa_dataset(num_train=40, num_test=0, seed=3, image_size=image_size, cell_size=16)["train"]
+    data = build_vqa_dataset(
+        num_train=40, num_test=0, seed=3, image_size=image_size, cell_size=16, image_first=image_first
+    )["train"]
     rows = [data[i] for i in range(len(data))]
     for start in (0, 16):
         fast = FastVisionLanguageCollator(processor)(rows[start : start + 16])

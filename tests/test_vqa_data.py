@@ -61,7 +61,9 @@ def test_every_answer_matches_the_independent_solver(vqa):
         for row in vqa[split].select(range(300)).remove_columns("images"):
             assert question_family(row["question"]) == row["family"]
             assert answer_question(Scene.from_json(row["scene"]), row["question"]) == row["answer"]
-            assert row["messages"][0]["content"][1]["text"] == row["question"]
+            # The question comes before the image by default (image_first=False).
+            assert [c["type"] for c in row["messages"][0]["content"]] == ["text", "image"]
+            assert row["messages"][0]["content"][0]["text"] == row["question"]
             assert row["messages"][1]["content"][0]["text"] == row["answer"]
 
 
@@ -71,9 +73,24 @@ def test_color_answers_match_the_rendered_pixels(vqa):
         pixels = np.asarray(row["images"][0].convert("RGB"))
         shape = row["question"].split()[-2]
         ((_, _, r, c),) = [o for o in Scene.from_json(row["scene"]).objects if o[0] == shape]
-        assert tuple(pixels[r * 16 + 8, c * 16 + 8]) == PALETTE[row["answer"]]
+        cell = pixels[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16].reshape(-1, 3)
+        # The cell holds the answer's colour (painted without anti-aliasing) and background, nothing else.
+        assert {tuple(p) for p in cell} == {PALETTE[row["answer"]], BACKGROUND}
         # The corner of the cell is margin, and so background.
         assert tuple(pixels[r * 16, c * 16]) == BACKGROUND
+
+
+@pytest.mark.parametrize("line_width", [0, 2])
+def test_shapes_are_outlined_or_filled(line_width):
+    scene = Scene(objects=[("square", "red", 0, 0), ("circle", "blue", 0, 1), ("triangle", "green", 1, 0)])
+    pixels = np.asarray(render_scene(scene, image_size=32, cell_size=16, line_width=line_width))
+    for _, color, r, c in scene.objects:
+        centre = tuple(pixels[r * 16 + 10, c * 16 + 8])  # inside every shape, two lines below a triangle's middle
+        assert centre == (PALETTE[color] if line_width == 0 else BACKGROUND)
+        painted = np.all(pixels[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] == PALETTE[color], axis=-1).sum()
+        assert painted > (40 if line_width == 0 else 20)
+    with pytest.raises(ValueError, match="line_width must be >= 0"):
+        render_scene(scene, image_size=32, cell_size=16, line_width=-1)
 
 
 def test_images_have_the_requested_size_and_are_mostly_background():
@@ -139,7 +156,7 @@ def test_messages_and_images_round_trip_through_disk(vqa, tmp_path):
     assert loaded["train"][0]["messages"] == [
         {
             "role": "user",
-            "content": [{"type": "image", "text": None}, {"type": "text", "text": small["train"][0]["question"]}],
+            "content": [{"type": "text", "text": small["train"][0]["question"]}, {"type": "image", "text": None}],
         },
         {"role": "assistant", "content": [{"type": "text", "text": small["train"][0]["answer"]}]},
     ]
@@ -156,7 +173,8 @@ def test_stored_messages_render_with_a_chat_template():
     backend.pre_tokenizer = WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    row = build_vqa_dataset(num_train=1, num_test=0, seed=0)["train"][0]
+    row = build_vqa_dataset(num_train=1, num_test=0, seed=0, image_first=True)["train"][0]
+    assert [c["type"] for c in row["messages"][0]["content"]] == ["image", "text"]
     text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
     assert text == f"USER: <image>\n{row['question']} ASSISTANT: {row['answer']} "
     assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
