@@ -8,7 +8,7 @@ built from a config, the tokenizer is a word-level one.
 ```python
 >>> from hf_sparse_mllm.demo import DemoConfig, DEMO_PRESETS
 >>> DEMO_PRESETS["default"].num_visual_tokens
-36
+64
 
 ```
 """
@@ -50,12 +50,12 @@ class DemoConfig:
     """Everything that defines one demo run: data, model shape, optimisation and the sparse recipe.
 
     Args:
-        image_size (`int`, *optional*, defaults to `96`): canvas side in pixels (also the vision tower's input).
+        image_size (`int`, *optional*, defaults to `128`): canvas side in pixels (also the vision tower's input).
         patch_size (`int`, *optional*, defaults to `16`): vision patch side; `(image_size // patch_size) ** 2` tokens.
         cell_size (`int`, *optional*, defaults to `16`): scene grid cell; objects fill one cell, aligned to patches.
         max_objects (`int`, *optional*, defaults to `5`): most objects per scene.
         families (`tuple[str, ...]`, *optional*): question families (default all five, equally weighted).
-        line_width (`int`, *optional*, defaults to `2`): outline width of the shapes (`0` fills them).
+        border (`int`, *optional*, defaults to `1`): black border width around each shape (`0`: plain fills).
         image_first (`bool`, *optional*, defaults to `False`): image before the question (see
             [`~hf_sparse_mllm.data.vqa.build_vqa_dataset`] for why the default is after).
         train_samples (`int`, *optional*, defaults to `20000`): generated training question-answer pairs.
@@ -63,12 +63,14 @@ class DemoConfig:
         curve_samples (`int`, *optional*, defaults to `250`): test pairs evaluated at each curve checkpoint.
         curve_points (`int`, *optional*, defaults to `6`): checkpoints of the accuracy-vs-time curve.
         hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vision_hidden_size, vision_layers:
-            the tiny LLaVA's shape (see [`~hf_sparse_mllm.tiny.TinyLlavaPreset`]).
-        learning_rate (`float`, *optional*, defaults to `3e-4`): AdamW peak learning rate (6e-4 and above stall on the
-            question-only plateau; see the README's learnability sweep).
+            the tiny LLaVA's shape (see [`~hf_sparse_mllm.tiny.TinyLlavaPreset`]). The default is a 1 x 32 vision
+            tower and a 2 x 128 decoder: objects fill whole patches, so one narrow tower layer recognises them, and a
+            cheap tower leaves most of the step to the language model, which is what token compression speeds up.
+        learning_rate (`float`, *optional*, defaults to `3e-4`): AdamW peak learning rate (see the README's
+            learnability sweep).
         warmup_steps (`int`, *optional*, defaults to `100`): linear warm-up, then cosine decay.
         batch_size (`int`, *optional*, defaults to `32`): samples per optimizer step.
-        max_steps (`int`, *optional*, defaults to `2500`): optimizer steps of each run.
+        max_steps (`int`, *optional*, defaults to `2000`): optimizer steps of each run.
         logging_steps (`int`, *optional*, defaults to `50`): loss logging interval.
         seed (`int`, *optional*, defaults to `0`): seed of the weights, the data order and the data.
         threads (`int`, *optional*, defaults to `1`): `torch.set_num_threads`. One thread by default: with more, every
@@ -78,12 +80,12 @@ class DemoConfig:
         token_compressor, keep_ratio, slow_mode_prob, num_isolator_tokens: the sparse run's recipe.
     """
 
-    image_size: int = 96
+    image_size: int = 128
     patch_size: int = 16
     cell_size: int = 16
     max_objects: int = 5
     families: tuple[str, ...] | None = None
-    line_width: int = 2
+    border: int = 1
     image_first: bool = False
     train_samples: int = 20_000
     test_samples: int = 1_000
@@ -93,12 +95,12 @@ class DemoConfig:
     intermediate_size: int = 512
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    vision_hidden_size: int = 128
-    vision_layers: int = 2
+    vision_hidden_size: int = 32
+    vision_layers: int = 1
     learning_rate: float = 3e-4
     warmup_steps: int = 100
     batch_size: int = 32
-    max_steps: int = 2500
+    max_steps: int = 2000
     logging_steps: int = 50
     seed: int = 0
     threads: int = 1
@@ -158,7 +160,7 @@ def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outp
     """Generate the VQA dataset for `config` (or load it from `cache_dir`, where it is saved after generation)."""
     name = (
         f"vqa-{config.image_size}px-cell{config.cell_size}-train{config.train_samples}-test{config.test_samples}"
-        f"-seed{config.seed}-obj{config.max_objects}-line{config.line_width}{'-imagefirst' if config.image_first else ''}"
+        f"-seed{config.seed}-obj{config.max_objects}-border{config.border}{'-imagefirst' if config.image_first else ''}"
         + ("-" + "-".join(config.families) if config.families else "")
     )
     path = Path(cache_dir) / name if cache_dir is not None else None
@@ -173,7 +175,7 @@ def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outp
         cell_size=config.cell_size,
         families=config.families,
         max_objects=config.max_objects,
-        line_width=config.line_width,
+        border=config.border,
         image_first=config.image_first,
     )
     if path is not None:

@@ -166,7 +166,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-samples", type=int)
     parser.add_argument("--test-samples", type=int)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--quick", action="store_true", help="the demo's smoke-run size")
+    parser.add_argument(
+        "--preset", choices=sorted(DEMO_PRESETS), default="bench", help="data and model size (default: bench)"
+    )
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run")
     parser.add_argument("--no-curve", action="store_true", help="skip the accuracy-curve checkpoints")
     parser.add_argument("--data-dir", default="outputs/data")
     parser.add_argument("--output", default="benchmarks", help="where accuracy.{json,md} go")
@@ -180,7 +183,7 @@ def main(argv=None) -> dict:
     if "baseline" not in names:
         names.insert(0, "baseline")
     seeds = [int(s) for s in args.seeds.split(",")]
-    config = DEMO_PRESETS["quick" if args.quick else "default"]
+    config = DEMO_PRESETS["quick" if args.quick else args.preset]
     overrides = {"max_steps": args.steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
     overrides["threads"] = args.threads
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

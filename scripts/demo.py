@@ -2,6 +2,7 @@
 
     python scripts/demo.py                        # the full demo (about 15 minutes on an idle 2-core CPU)
     python scripts/demo.py --quick                # a smoke run (well under a minute)
+    python scripts/demo.py --preset bench         # the accuracy benchmark's larger model (144 visual tokens)
     python scripts/demo.py --steps 3000 --train-samples 40000 --output outputs/demo-long
     python scripts/demo.py --keep-ratio 0.1 --compressor divprune --slow-mode-prob 0.1
 
@@ -27,8 +28,13 @@ from hf_sparse_mllm.demo import DEMO_PRESETS, format_table, run_demo  # noqa: E4
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds), e.g. for tests")
-    parser.add_argument("--output", default=None, help="report folder (default outputs/demo, outputs/demo-quick)")
+    parser.add_argument(
+        "--preset", choices=sorted(DEMO_PRESETS), default="default", help="data and model size (default: the demo's)"
+    )
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run (seconds)")
+    parser.add_argument(
+        "--output", default=None, help="report folder (default outputs/demo, or outputs/demo-<preset>)"
+    )
     parser.add_argument("--data-dir", default="outputs/data", help="cache of the generated dataset")
     parser.add_argument("--train-samples", type=int, help="generated training question-answer pairs")
     parser.add_argument("--test-samples", type=int, help="generated test pairs")
@@ -49,7 +55,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config = DEMO_PRESETS["quick" if args.quick else "default"]
+    preset = "quick" if args.quick else args.preset
+    config = DEMO_PRESETS[preset]
     overrides = {
         "train_samples": args.train_samples,
         "test_samples": args.test_samples,
@@ -66,7 +73,7 @@ def main(argv=None) -> dict:
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.epochs is not None:
         config = replace(config, max_steps=max(1, round(args.epochs * config.train_samples / config.batch_size)))
-    output = args.output or ("outputs/demo-quick" if args.quick else "outputs/demo")
+    output = args.output or ("outputs/demo" if preset == "default" else f"outputs/demo-{preset}")
     report = run_demo(
         config, output_dir=output, data_dir=args.data_dir, progress=not args.no_progress, plots=not args.no_plots
     )

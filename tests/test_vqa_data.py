@@ -10,6 +10,7 @@ import pytest
 
 from hf_sparse_mllm.data.vqa import (
     BACKGROUND,
+    BORDER,
     FAMILIES,
     PALETTE,
     Scene,
@@ -74,23 +75,26 @@ def test_color_answers_match_the_rendered_pixels(vqa):
         shape = row["question"].split()[-2]
         ((_, _, r, c),) = [o for o in Scene.from_json(row["scene"]).objects if o[0] == shape]
         cell = pixels[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16].reshape(-1, 3)
-        # The cell holds the answer's colour (painted without anti-aliasing) and background, nothing else.
-        assert {tuple(p) for p in cell} == {PALETTE[row["answer"]], BACKGROUND}
+        # The cell holds the answer's colour (painted without anti-aliasing), the black border and background.
+        assert {tuple(p) for p in cell} == {PALETTE[row["answer"]], BORDER, BACKGROUND}
         # The corner of the cell is margin, and so background.
         assert tuple(pixels[r * 16, c * 16]) == BACKGROUND
 
 
-@pytest.mark.parametrize("line_width", [0, 2])
-def test_shapes_are_outlined_or_filled(line_width):
+@pytest.mark.parametrize("border", [0, 1])
+def test_shapes_are_filled_with_or_without_a_black_border(border):
     scene = Scene(objects=[("square", "red", 0, 0), ("circle", "blue", 0, 1), ("triangle", "green", 1, 0)])
-    pixels = np.asarray(render_scene(scene, image_size=32, cell_size=16, line_width=line_width))
-    for _, color, r, c in scene.objects:
-        centre = tuple(pixels[r * 16 + 10, c * 16 + 8])  # inside every shape, two lines below a triangle's middle
-        assert centre == (PALETTE[color] if line_width == 0 else BACKGROUND)
-        painted = np.all(pixels[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] == PALETTE[color], axis=-1).sum()
-        assert painted > (40 if line_width == 0 else 20)
-    with pytest.raises(ValueError, match="line_width must be >= 0"):
-        render_scene(scene, image_size=32, cell_size=16, line_width=-1)
+    pixels = np.asarray(render_scene(scene, image_size=32, cell_size=16, border=border))
+    borders = {}
+    for shape, color, r, c in scene.objects:
+        cell = pixels[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16]
+        assert tuple(cell[10, 8]) == PALETTE[color]  # inside every shape
+        borders[shape] = np.all(cell == BORDER, axis=-1)
+        assert borders[shape].any() == bool(border)
+    # The borders of a circle and a square share no pixel, so the two shapes differ by colour-free pixels.
+    assert not (borders["circle"] & borders["square"]).any()
+    with pytest.raises(ValueError, match="border must be >= 0"):
+        render_scene(scene, image_size=32, cell_size=16, border=-1)
 
 
 def test_images_have_the_requested_size_and_are_mostly_background():

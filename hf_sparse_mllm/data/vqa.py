@@ -6,12 +6,12 @@ wide in minutes on a CPU, and free-placed ones not at all (SPEC section 9). At t
 cells, 144 visual tokens carry at most 5 objects: most tokens are background, which is the redundancy that visual
 token compression removes.
 
-Two defaults exist for a model trained from scratch (measured, see the README's learnability sweep). Shapes are drawn
-as 2 px outlines (`line_width=2`): filled shapes share most of their pixels (a circle is 78 % of the square around
-it), so a patch embedding sees colour x shape as one product and a tiny model stays at chance on shape questions for
-thousands of steps; outlines barely overlap. The question comes before the image in the user turn
-(`image_first=False`): with causal attention the image tokens then see the question, so each can tell whether it is
-the object asked about. Both are arguments of [`build_vqa_dataset`].
+Two defaults exist for a model trained from scratch (measured, see the README's learnability sweep). Shapes are
+filled with their colour and drawn with a 1 px black border (`border=1`): with plain fills a patch embedding sees
+colour x shape as one product (a circle covers 78 % of the square around it), and a tiny model stays at chance on
+shape questions for thousands of steps, while the black border is a colour-independent shape signature that a
+linear layer can read. The question comes before the image in the user turn (`image_first=False`): with causal
+attention the image tokens then see the question, so each can tell whether it is the object asked about.
 
 Each sample is one image and one question with a one-word answer, tagged with a question family:
 
@@ -54,6 +54,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
+BORDER: tuple[int, int, int] = (0, 0, 0)
 FAMILIES: tuple[str, ...] = ("color", "shape", "exist", "count", "relation")
 YES, NO = "yes", "no"
 # Count questions target 0..3 uniformly (a colour appears 4 or 5 times too rarely to balance); digits, not words.
@@ -121,31 +122,33 @@ def sample_scene(rng: np.random.Generator, grid_size: int = 12, min_objects: int
     )
 
 
-def render_scene(scene: Scene, image_size: int = 192, cell_size: int = 16, line_width: int = 2) -> Image.Image:
-    """Draw `scene` on a grey RGB canvas, each object spanning its `cell_size` cell but a 1 px margin (more above 16 px).
+def render_scene(scene: Scene, image_size: int = 192, cell_size: int = 16, border: int = 1) -> Image.Image:
+    """Draw `scene` on a grey RGB canvas: each object a filled shape in its `cell_size` cell, 1 px from the cell edge.
 
     Args:
         scene ([`Scene`]): what to draw.
         image_size (`int`, *optional*, defaults to `192`): canvas side in pixels, a multiple of `cell_size`.
         cell_size (`int`, *optional*, defaults to `16`): cell side in pixels; use a multiple of the vision patch size
             so every object covers whole patches.
-        line_width (`int`, *optional*, defaults to `2`): outline width in pixels; `0` fills the shapes.
+        border (`int`, *optional*, defaults to `1`): width of the black border around each shape; `0` draws plain
+            fills. With a border, circles are drawn smaller than squares so that the two borders share no pixel.
     """
-    if line_width < 0:
-        raise ValueError(f"line_width must be >= 0 (0 fills the shapes), got {line_width}.")
+    if border < 0:
+        raise ValueError(f"border must be >= 0 (0 draws plain fills), got {border}.")
     grid_size = _grid_size(image_size, cell_size)
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     # Objects nearly fill their cell (big enough to learn) but leave a gap so neighbours stay separate.
     margin = max(1, cell_size // 16)
+    inset = cell_size // 8 if border else 0
     for shape, color, row, col in scene.objects:
         if not (0 <= row < grid_size and 0 <= col < grid_size):
             raise ValueError(f"Object at cell ({row}, {col}) is outside the {grid_size}x{grid_size} grid.")
         x0, y0 = col * cell_size + margin, row * cell_size + margin
         x1, y1 = (col + 1) * cell_size - 1 - margin, (row + 1) * cell_size - 1 - margin
-        paint = {"outline": PALETTE[color], "width": line_width} if line_width else {"fill": PALETTE[color]}
+        paint = {"fill": PALETTE[color], "outline": BORDER, "width": border} if border else {"fill": PALETTE[color]}
         if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), **paint)
+            draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), **paint)
         elif shape == "square":
             draw.rectangle((x0, y0, x1, y1), **paint)
         else:
@@ -271,7 +274,7 @@ def _generate_split(
     weights: dict[str, float],
     questions_per_image: int,
     max_objects: int,
-    line_width: int,
+    border: int,
     image_first: bool,
 ) -> dict[str, list]:
     grid_size = _grid_size(image_size, cell_size)
@@ -294,7 +297,7 @@ def _generate_split(
                 f"Found no scene for the question families {families} in {_MAX_SCENE_TRIES} tries; "
                 "lower questions_per_image or change the family weights."
             )
-        image = {"bytes": _png_bytes(render_scene(scene, image_size, cell_size, line_width)), "path": None}
+        image = {"bytes": _png_bytes(render_scene(scene, image_size, cell_size, border)), "path": None}
         scene_json = scene.to_json()
         for family, (question, answer) in zip(families, qas):
             columns["images"].append([image])
@@ -333,7 +336,7 @@ def build_vqa_dataset(
     families: Sequence[str] | Mapping[str, float] | None = None,
     questions_per_image: int = 1,
     max_objects: int = 5,
-    line_width: int = 2,
+    border: int = 1,
     image_first: bool = False,
 ):
     """Generate the synthetic VQA dataset as a `datasets.DatasetDict` with `train` and `test` splits.
@@ -356,7 +359,7 @@ def build_vqa_dataset(
         questions_per_image (`int`, *optional*, defaults to `1`): distinct questions asked about each image; each
             question is one row, the image is repeated.
         max_objects (`int`, *optional*, defaults to `5`): most objects per scene (at least 1).
-        line_width (`int`, *optional*, defaults to `2`): outline width of the shapes in pixels; `0` fills them.
+        border (`int`, *optional*, defaults to `1`): width of the black border around each shape; `0` for none.
         image_first (`bool`, *optional*, defaults to `False`): put the image before the question in the user turn
             (LLaVA's usual order) instead of after it.
 
@@ -391,7 +394,7 @@ def build_vqa_dataset(
     for name, n, seq in (("train", num_train, train_seq), ("test", num_test, test_seq)):
         columns = _generate_split(
             n, np.random.default_rng(seq), name == "test", image_size, cell_size, weights, questions_per_image,
-            max_objects, line_width, image_first,
+            max_objects, border, image_first,
         )  # fmt: skip
         splits[name] = Dataset.from_dict(columns, features=features)
     return DatasetDict(splits)
