@@ -55,7 +55,7 @@ class SparseMLLMConfig(PreTrainedConfig):
         layer_skip_policy (`str` or `None`, *optional*, defaults to `None`):
             Registered layer-skip policy (`"stochastic"`, `"redundancy"`, `"fixed"`) or `None` to run every decoder
             layer. Skipped layers are not executed (no forward, no activations, no gradient) on fast steps; slow steps
-            and their teacher always run at full depth.
+            and their teacher run at full depth unless `skip_on_slow_steps=True`.
         skip_ratio (`float`, *optional*, defaults to `0.25`):
             `redundancy` policy: fraction of the decoder layers skipped per step, in [0, 1).
         max_skip_prob (`float`, *optional*, defaults to `0.5`):
@@ -66,6 +66,12 @@ class SparseMLLMConfig(PreTrainedConfig):
             `redundancy` policy: every `measure_every` optimizer steps a full-depth step measures layer redundancy.
         skip_layers (`list[int]` or `None`, *optional*, defaults to `None`):
             `fixed` policy: the decoder layer indices skipped on every fast step.
+        skip_on_slow_steps (`bool`, *optional*, defaults to `False`):
+            Also skip layers on slow steps (the all-token student and its fast-mode teacher skip the same layers),
+            as STS's instruction stage skips layers with all tokens. By default slow steps run at full depth, so the
+            model is trained as it is used at inference (all tokens, all layers) on every slow step; turning this on
+            makes slow steps cheaper, and full-depth training then comes from the policy's unskipped layers (and, for
+            `redundancy`, its measuring steps).
         stage_aware (`bool`, *optional*, defaults to `True`):
             Apply each kind of sparsity in its STS stage only: layer skipping and slow steps in the instruction stage,
             token compression in both. `False` applies every enabled component in every stage.
@@ -121,6 +127,9 @@ class SparseMLLMConfig(PreTrainedConfig):
     )
     skip_layers: list[int] | None = field(
         default=None, metadata={"help": "fixed policy: decoder layer indices skipped on every fast step."}
+    )
+    skip_on_slow_steps: bool = field(
+        default=False, metadata={"help": "Skip layers on slow (all-token) steps too, not only on fast steps."}
     )
     stage_aware: bool = field(
         default=True, metadata={"help": "Skip layers and take slow steps only in the instruction stage."}

@@ -156,7 +156,7 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
 # ---- data and model ------------------------------------------------------------------------------------------------
 
 
-def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outputs/data"):
+def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outputs/data", progress: bool = False):
     """Generate the VQA dataset for `config` (or load it from `cache_dir`, where it is saved after generation)."""
     name = (
         f"vqa-{config.image_size}px-cell{config.cell_size}-train{config.train_samples}-test{config.test_samples}"
@@ -177,6 +177,7 @@ def prepare_data(config: DemoConfig, cache_dir: str | os.PathLike | None = "outp
         max_objects=config.max_objects,
         border=config.border,
         image_first=config.image_first,
+        progress=progress,
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +495,7 @@ def run_demo(
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    dataset = prepare_data(config, data_dir)
+    dataset = prepare_data(config, data_dir, progress=progress)
     data_seconds = time.perf_counter() - start
     blind = blind_baseline(dataset["train"], dataset["test"])
 

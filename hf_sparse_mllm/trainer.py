@@ -210,9 +210,11 @@ class SparseMLLMTrainer(Trainer):
 
     def skipped_layers(self, step: int, mode: str | None = None) -> tuple[int, ...]:
         """Decoder layers not run on optimizer step `step`: a pure function of the seed, the step and the last
-        measured redundancy. Slow steps (and their teacher) and measuring steps run at full depth."""
+        measured redundancy. Measuring steps, and slow steps (with their teacher) unless `skip_on_slow_steps`, run at
+        full depth."""
         mode = self.step_mode(step) if mode is None else mode
-        if not self.layer_skipping_active or mode == SLOW or self.is_measuring_step(step):
+        full_depth_slow = mode == SLOW and not self.sparse_config.skip_on_slow_steps
+        if not self.layer_skipping_active or full_depth_slow or self.is_measuring_step(step):
             return ()
         config = self.sparse_config
         return self.skip_policy.decide(

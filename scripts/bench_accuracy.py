@@ -3,6 +3,7 @@
     python scripts/bench_accuracy.py                                   # default recipes, 1 seed -> benchmarks/accuracy.*
     python scripts/bench_accuracy.py --seeds 0,1,2 --steps 1500
     python scripts/bench_accuracy.py --recipes baseline,dualspeed-divprune-0.25,naive-divprune-0.25 --quick
+    python scripts/bench_accuracy.py --seeds 0,1 --resume              # add seed 1, keep the finished seed-0 runs
 
 Every recipe trains the same tiny LLaVA as `make demo` (same data, same steps, one run per seed), then evaluates it
 twice on the same test set: with **all** visual tokens (how the exported model is used) and with the recipe's
@@ -158,6 +159,21 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _finished_runs(path: Path, report: dict, config) -> dict[str, list[dict]]:
+    """Runs of an earlier `accuracy.json` that used the same configuration and recipe definitions (for `--resume`)."""
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous.get("config") != json.loads(json.dumps(asdict(config))):
+        print(f"[bench-accuracy] {path} used another configuration: starting afresh", flush=True)
+        return {}
+    return {
+        name: done
+        for name, done in previous.get("runs", {}).items()
+        if name in report["recipes"] and previous.get("recipes", {}).get(name) == report["recipes"][name]
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated names from {sorted(RECIPES)}")
@@ -171,6 +187,12 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run")
     parser.add_argument("--no-curve", action="store_true", help="skip the accuracy-curve checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs of an existing accuracy.json in --output with the same configuration; train the rest",
+    )
     parser.add_argument("--data-dir", default="outputs/data")
     parser.add_argument("--output", default="benchmarks", help="where accuracy.{json,md} go")
     parser.add_argument("--runs-dir", default="outputs/bench-accuracy", help="trainer output folders")
@@ -192,7 +214,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(config.threads)
 
     start = time.perf_counter()
-    dataset = prepare_data(config, args.data_dir)  # one data set for every recipe and seed
+    dataset = prepare_data(config, args.data_dir, progress=not args.no_progress)  # one data set for every run
     runs: dict[str, list[dict]] = {name: [] for name in names}
     report = {
         "config": asdict(config),
@@ -202,9 +224,15 @@ def main(argv=None) -> dict:
         "blind_baseline": blind_baseline(dataset["train"], dataset["test"]),
         "machine": machine_info(),
     }
+    if args.resume:
+        for name, done in _finished_runs(out / "accuracy.json", report, config).items():
+            runs[name] = [r for r in done if r["seed"] in seeds]
+            print(f"[bench-accuracy] resumed {name}: seeds {[r['seed'] for r in runs[name]]}", flush=True)
     # Seeds outermost, so a run cut short still has every recipe for the first seeds.
     for seed in seeds:
         for name in names:
+            if any(r["seed"] == seed for r in runs[name]):
+                continue
             spec = RECIPES[name]
             run_config = replace(config, seed=seed)
             sparse_config = None
@@ -219,7 +247,7 @@ def main(argv=None) -> dict:
                 sparse_config=sparse_config,
                 output_dir=Path(args.runs_dir) / f"{name}-seed{seed}",
                 compressed_eval=compressed_eval,
-                progress=False,
+                progress=not args.no_progress,
                 curve=not args.no_curve,
             )
             result["seed"] = seed

@@ -216,6 +216,39 @@ def test_stage_aware_scheduling(tmp_path):
     everywhere = trainer_for(freeze_lm=True, stage_aware=False)
     assert any(everywhere.skipped_layers(s) for s in range(50))
 
+    # With skip_on_slow_steps, slow steps draw their skipped layers exactly as fast steps do.
+    slow_too = trainer_for(freeze_lm=False, skip_on_slow_steps=True)
+    slow_steps = [s for s, m in enumerate(modes) if m == "slow"]
+    assert any(slow_too.skipped_layers(s) for s in slow_steps)
+    assert all(slow_too.skipped_layers(s) == slow_too.skipped_layers(s, "fast") for s in slow_steps)
+
+
+def test_slow_step_skips_the_same_layers_for_teacher_and_student(tmp_path):
+    model, processor = tiny_llava(num_hidden_layers=LAYERS)
+    config = SparseMLLMConfig(
+        token_compressor="divprune",
+        slow_mode_prob=1.0,
+        layer_skip_policy="fixed",
+        skip_layers=[2, 3],
+        skip_on_slow_steps=True,
+    )
+    trainer = SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=config)
+    runs = Counter()
+    hooks = [
+        layer.mlp.register_forward_hook(
+            lambda *a, i=i: runs.update([i])
+        )  # the layer's own hooks run even when skipped
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    trainer.create_optimizer_and_scheduler(1)
+    trainer.training_step(trainer.model, collate(processor, make_dataset(2)))
+    for hook in hooks:
+        hook.remove()
+    # Teacher (fast, no grad) and student (all tokens) each ran every layer but the skipped ones, once.
+    assert runs == {i: 2 for i in range(LAYERS) if i not in (2, 3)}
+    assert all(p.grad is None for i in (2, 3) for p in model.model.language_model.layers[i].parameters())
+    assert all(p.grad is not None for p in model.model.language_model.layers[1].parameters())
+
 
 def test_redundancy_decisions_and_losses_survive_resume(tmp_path):
     config = SparseMLLMConfig(

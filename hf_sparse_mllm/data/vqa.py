@@ -276,11 +276,16 @@ def _generate_split(
     max_objects: int,
     border: int,
     image_first: bool,
+    progress: bool = False,
 ) -> dict[str, list]:
+    from tqdm.auto import tqdm
+
     grid_size = _grid_size(image_size, cell_size)
     schedule = _family_schedule(weights, num_samples, rng)
     columns: dict[str, list] = {k: [] for k in ("images", "messages", "question", "answer", "family", "scene")}
-    for start in range(0, num_samples, questions_per_image):
+    starts = range(0, num_samples, questions_per_image)
+    split = "test" if test_split else "train"
+    for start in tqdm(starts, desc=f"Drawing {split} scenes", unit="image", disable=not progress):
         families = schedule[start : start + questions_per_image]
         # Count targets are drawn before the scene so rejection sampling cannot skew the answers towards 0 or 1.
         targets = [int(rng.choice(COUNT_TARGETS)) if f == "count" else 0 for f in families]
@@ -338,6 +343,7 @@ def build_vqa_dataset(
     max_objects: int = 5,
     border: int = 1,
     image_first: bool = False,
+    progress: bool = False,
 ):
     """Generate the synthetic VQA dataset as a `datasets.DatasetDict` with `train` and `test` splits.
 
@@ -362,6 +368,7 @@ def build_vqa_dataset(
         border (`int`, *optional*, defaults to `1`): width of the black border around each shape; `0` for none.
         image_first (`bool`, *optional*, defaults to `False`): put the image before the question in the user turn
             (LLaVA's usual order) instead of after it.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar per split.
 
     Example:
 
@@ -394,7 +401,7 @@ def build_vqa_dataset(
     for name, n, seq in (("train", num_train, train_seq), ("test", num_test, test_seq)):
         columns = _generate_split(
             n, np.random.default_rng(seq), name == "test", image_size, cell_size, weights, questions_per_image,
-            max_objects, border, image_first,
+            max_objects, border, image_first, progress,
         )  # fmt: skip
         splits[name] = Dataset.from_dict(columns, features=features)
     return DatasetDict(splits)
