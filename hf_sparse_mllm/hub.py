@@ -109,7 +109,8 @@ def describe_recipe(recipe: SparseMLLMConfig | Mapping[str, Any]) -> list[str]:
         when = " in the instruction stage" if r.get("stage_aware", True) else ""
         lines.append(
             f"Layer skipping{when}: `{policy}` policy ({detail}); {protected}; a skipped layer is not executed on "
-            "that step (no forward, no activations, no gradient)."
+            "that step (no forward, no activations, no gradient); "
+            + ("slow steps skip layers too." if r.get("skip_on_slow_steps") else "slow steps run every layer.")
         )
     stage = r.get("stage", "auto")
     stage_text = {

@@ -521,6 +521,15 @@ def test_model_card_without_measurements_says_so():
     assert "model-index" not in card.data.to_dict()
 
 
+@pytest.mark.parametrize("skip_on_slow_steps", [False, True])
+def test_model_card_describes_layer_skipping(skip_on_slow_steps):
+    recipe = SparseMLLMConfig(layer_skip_policy="stochastic", max_skip_prob=0.5, skip_on_slow_steps=skip_on_slow_steps)
+    text = render_model_card(recipe, model_name="m").text
+    assert "`stochastic` policy (skip probability rising linearly with depth up to 0.5)" in text
+    assert ("slow steps skip layers too" in text) == skip_on_slow_steps
+    assert ("slow steps run every layer" in text) != skip_on_slow_steps
+
+
 def test_model_card_template_ships_inside_the_package():
     path = model_card_template_path()
     assert path.is_file() and path.parent == Path(hub_module.__file__).parent / "templates"
