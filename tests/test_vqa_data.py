@@ -206,6 +206,19 @@ def test_several_questions_per_image_share_the_image_and_differ():
         assert len(set(questions[start : start + 3])) == 3
 
 
+@pytest.mark.parametrize("questions_per_image", [3, 5])
+def test_questions_of_one_image_come_from_distinct_families(questions_per_image):
+    # Two count questions about one image can be unsatisfiable together (two colours 3 times with 5 objects at most).
+    n = 30 * questions_per_image
+    rows = build_vqa_dataset(num_train=n, num_test=0, seed=1, image_size=64, questions_per_image=questions_per_image)
+    rows = rows["train"]
+    images, families = raw_image_bytes(rows), rows["family"]
+    for start in range(0, n, questions_per_image):
+        assert len(set(images[start : start + questions_per_image])) == 1
+        assert len(set(families[start : start + questions_per_image])) == questions_per_image
+    assert Counter(families) == dict.fromkeys(FAMILIES, n // len(FAMILIES))
+
+
 def test_solver_rejects_ambiguous_questions_and_renderer_checks_the_grid():
     scene = Scene(objects=[("circle", "red", 0, 0), ("circle", "blue", 0, 3), ("square", "red", 1, 5)])
     assert answer_question(scene, "what color is the square ?") == "red"

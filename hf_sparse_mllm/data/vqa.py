@@ -225,15 +225,28 @@ def _family_weights(families: Sequence[str] | Mapping[str, float] | None) -> dic
     return {f: float(w) for f, w in weights.items() if w > 0}
 
 
-def _family_schedule(weights: dict[str, float], n: int, rng: np.random.Generator) -> list[str]:
-    """Exactly `round(weight share * n)` questions per family (largest remainder), in a random order."""
+def _family_schedule(
+    weights: dict[str, float], n: int, rng: np.random.Generator, group_size: int = 1
+) -> list[list[str]]:
+    """Exactly `round(weight share * n)` questions per family (largest remainder), in random groups of `group_size`
+    (one group per image); a group repeats a family only when that family has more questions than there are groups."""
     names = list(weights)
     shares = np.array([weights[f] for f in names]) / sum(weights.values()) * n
     counts = np.floor(shares).astype(int)
     for i in np.argsort(-(shares - counts), kind="stable")[: n - counts.sum()]:
         counts[i] += 1
     schedule = [f for f, c in zip(names, counts) for _ in range(c)]
-    return [schedule[i] for i in rng.permutation(n)]
+    if group_size == 1:
+        return [[schedule[i]] for i in rng.permutation(n)]
+    # Dealing the family-sorted list round-robin puts each family's questions into distinct groups (two questions of
+    # one family can be unsatisfiable together, e.g. two counts of 3 with 5 objects at most).
+    num_groups = -(-n // group_size)
+    groups: list[list[str]] = [[] for _ in range(num_groups)]
+    for j, family in enumerate(schedule):
+        groups[j % num_groups].append(family)
+    return [
+        [group[i] for i in rng.permutation(len(group))] for group in (groups[g] for g in rng.permutation(num_groups))
+    ]
 
 
 def _scene_bucket(scene: Scene) -> int:
@@ -281,12 +294,10 @@ def _generate_split(
     from tqdm.auto import tqdm
 
     grid_size = _grid_size(image_size, cell_size)
-    schedule = _family_schedule(weights, num_samples, rng)
+    schedule = _family_schedule(weights, num_samples, rng, questions_per_image)
     columns: dict[str, list] = {k: [] for k in ("images", "messages", "question", "answer", "family", "scene")}
-    starts = range(0, num_samples, questions_per_image)
     split = "test" if test_split else "train"
-    for start in tqdm(starts, desc=f"Drawing {split} scenes", unit="image", disable=not progress):
-        families = schedule[start : start + questions_per_image]
+    for families in tqdm(schedule, desc=f"Drawing {split} scenes", unit="image", disable=not progress):
         # Count targets are drawn before the scene so rejection sampling cannot skew the answers towards 0 or 1.
         targets = [int(rng.choice(COUNT_TARGETS)) if f == "count" else 0 for f in families]
         for _ in range(_MAX_SCENE_TRIES):
@@ -362,8 +373,9 @@ def build_vqa_dataset(
         families (`Sequence[str]` or `Mapping[str, float]`, *optional*, defaults to all five with equal weight):
             the question families to generate, or a mapping from family to relative weight. Each family gets exactly
             its share of the samples (rounded).
-        questions_per_image (`int`, *optional*, defaults to `1`): distinct questions asked about each image; each
-            question is one row, the image is repeated.
+        questions_per_image (`int`, *optional*, defaults to `1`): distinct questions asked about each image, of
+            distinct families where the family weights allow; each question is one row, the image is repeated. When
+            the number of samples is not a multiple, some images get one question fewer.
         max_objects (`int`, *optional*, defaults to `5`): most objects per scene (at least 1).
         border (`int`, *optional*, defaults to `1`): width of the black border around each shape; `0` for none.
         image_first (`bool`, *optional*, defaults to `False`): put the image before the question in the user turn
