@@ -164,7 +164,10 @@ def _finished_runs(path: Path, report: dict, config) -> dict[str, list[dict]]:
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
-    if previous.get("config") != json.loads(json.dumps(asdict(config))):
+    # The accuracy-curve and evaluation batch settings do not change what is trained or measured.
+    ignored = {"curve_points", "curve_samples", "eval_batch_size"}
+    old, new = previous.get("config") or {}, json.loads(json.dumps(asdict(config)))
+    if {k: v for k, v in old.items() if k not in ignored} != {k: v for k, v in new.items() if k not in ignored}:
         print(f"[bench-accuracy] {path} used another configuration: starting afresh", flush=True)
         return {}
     return {

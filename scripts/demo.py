@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_sparse_mllm.demo import DEMO_PRESETS, format_table, run_demo  # noqa: E402
+from hf_sparse_mllm.demo import DEMO_PRESETS, format_table, run_demo, time_to_accuracy_sentence  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -85,6 +85,7 @@ def main(argv=None) -> dict:
         f"Speed-up {report['speedup']:.2f}x, accuracy retained {retained} "
         f"(both evaluated with all {report['num_visual_tokens']} visual tokens). Total {report['total_seconds']:.0f} s."
     )
+    print(time_to_accuracy_sentence(report["time_to_baseline_accuracy"]))
     print(f"[demo] report: {Path(output).resolve()}  (report.md, report.json, loss.png, accuracy_vs_time.png)")
     print(f"[demo] sparse-trained model: {Path(report['sparse_model_dir']).resolve()}")
     return report

@@ -40,7 +40,8 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_writes_the_report(quick_demo):
     out, report = quick_demo
     saved = json.loads((out / "report.json").read_text())
-    assert {"speedup", "accuracy_retained", "runs", "blind_baseline"} <= saved.keys()
+    assert {"speedup", "accuracy_retained", "runs", "blind_baseline", "time_to_baseline_accuracy"} <= saved.keys()
+    assert saved["time_to_baseline_accuracy"]["baseline_seconds"] > 0
     assert saved["speedup"] > 0
     assert set(saved["runs"]) == {"baseline", "sparse"}
     for run in saved["runs"].values():
@@ -91,6 +92,27 @@ def test_docstring_examples():
     import hf_sparse_mllm.demo
 
     assert doctest.testmod(hf_sparse_mllm.demo).failed == 0
+
+
+def test_time_to_accuracy():
+    from hf_sparse_mllm.demo import time_to_accuracy, time_to_accuracy_sentence
+
+    def curve(*points):
+        return [{"step": s, "train_seconds": t, "accuracy": {"overall": a}} for s, t, a in points]
+
+    base = curve((10, 10.0, 0.5), (20, 20.0, 0.8))
+    result = time_to_accuracy(base, curve((10, 4.0, 0.79), (20, 8.0, 0.8)))
+    assert result == {
+        "target": 0.8,
+        "baseline_seconds": 20.0,
+        "sparse_seconds": 8.0,
+        "sparse_step": 20,
+        "speedup": 2.5,
+    }
+    assert "at step 20, after 8 s of training (baseline: 20 s): 2.50x sooner" in time_to_accuracy_sentence(result)
+    missed = time_to_accuracy(base, curve((10, 4.0, 0.7)))
+    assert missed["speedup"] is None and "did not reach" in time_to_accuracy_sentence(missed)
+    assert time_to_accuracy([], base) is None
 
 
 def test_curve_steps():
