@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy clean
+.PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep clean
 
 install: $(VENV)/.installed
 
@@ -35,14 +35,19 @@ style: install
 demo: install
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
-# `bench` = the step-time benchmark, then the (long, see README) accuracy benchmark.
-bench: bench-steps bench-accuracy
+# `bench` = the step-time benchmark, then the (long, see README) accuracy benchmarks.
+bench: bench-steps bench-accuracy bench-accuracy-deep
 
 bench-steps: install
 	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)
 
 bench-accuracy: install
 	$(BIN)/python scripts/bench_accuracy.py $(BENCH_ACCURACY_ARGS)
+
+# The combined recipe (compression + DualSpeed + layer skipping) on a 4-layer decoder.
+DEEP_RECIPES ?= baseline,dualspeed-divprune-0.1,sts-divprune-0.1-skip0.25,sts-divprune-0.1-skip0.25-slowskip
+bench-accuracy-deep: install
+	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs build dist *.egg-info .pytest_cache .ruff_cache

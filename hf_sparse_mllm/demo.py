@@ -133,6 +133,9 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
     # The accuracy benchmark (`make bench-accuracy`): 144 visual tokens, at most 5 of them objects, so the language
     # model's share of a step is large enough for compression to show its speed-up.
     "bench": DemoConfig(image_size=192, max_steps=3000),
+    # The combined recipe (token compression + DualSpeed + layer skipping): a 4-layer decoder, so that with the first
+    # and last layer protected there are layers to skip, and wide enough that the decoder dominates a step.
+    "bench-deep": DemoConfig(image_size=192, num_hidden_layers=4, max_steps=2000),
     # A smoke run (tests, `--quick`): 16 visual tokens, a few steps, seconds.
     "quick": DemoConfig(
         image_size=64,

@@ -11,7 +11,8 @@ twice on the same test set: with **all** visual tokens (how the exported model i
 steps, no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode
 isolator close that training-inference gap. Reported per recipe: training time and speed-up over the baseline,
 accuracy (mean and standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family
-accuracy. Writes `accuracy.json` and `accuracy.md` to `--output`.
+accuracy. Writes `accuracy.json` and `accuracy.md` to `--output` (`accuracy-<preset>.*` for presets other than
+`bench`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ RECIPES = {
     # layers). With 4 decoder layers and the first and last protected, skip_ratio 0.25 drops one middle layer a step.
     "sts-divprune-0.1-skip0.25": recipe("divprune", 0.1, layer_skip_policy="redundancy", skip_ratio=0.25),
     "sts-divprune-0.1-stochastic": recipe("divprune", 0.1, layer_skip_policy="stochastic", max_skip_prob=0.5),
+    # The same with slow steps (and their teacher) skipping layers too, as STS's instruction stage does.
+    "sts-divprune-0.1-skip0.25-slowskip": recipe(
+        "divprune", 0.1, layer_skip_policy="redundancy", skip_ratio=0.25, skip_on_slow_steps=True
+    ),
 }
 DEFAULT_RECIPES = "baseline,dualspeed-divprune-0.25,naive-divprune-0.25,dualspeed-divprune-0.1,naive-divprune-0.1"
 # The compressed evaluation of the baseline (which has no recipe of its own).
@@ -208,12 +213,15 @@ def main(argv=None) -> dict:
     if "baseline" not in names:
         names.insert(0, "baseline")
     seeds = [int(s) for s in args.seeds.split(",")]
-    config = DEMO_PRESETS["quick" if args.quick else args.preset]
+    preset = "quick" if args.quick else args.preset
+    config = DEMO_PRESETS[preset]
     overrides = {"max_steps": args.steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
     overrides["threads"] = args.threads
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy" if preset == "bench" else f"accuracy-{preset}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     torch.set_num_threads(config.threads)
 
     start = time.perf_counter()
@@ -228,7 +236,7 @@ def main(argv=None) -> dict:
         "machine": machine_info(),
     }
     if args.resume:
-        for name, done in _finished_runs(out / "accuracy.json", report, config).items():
+        for name, done in _finished_runs(json_path, report, config).items():
             runs[name] = [r for r in done if r["seed"] in seeds]
             print(f"[bench-accuracy] resumed {name}: seeds {[r['seed'] for r in runs[name]]}", flush=True)
     # Seeds outermost, so a run cut short still has every recipe for the first seeds.
@@ -264,11 +272,11 @@ def main(argv=None) -> dict:
             report["runs"] = runs
             report["summary"] = summarize({k: v for k, v in runs.items() if v})
             report["total_seconds"] = time.perf_counter() - start
-            (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-            (out / "accuracy.md").write_text(format_markdown(report))
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            md_path.write_text(format_markdown(report))
     markdown = format_markdown(report)
     print(markdown)
-    print(f"[bench-accuracy] wrote {out / 'accuracy.json'} and {out / 'accuracy.md'}")
+    print(f"[bench-accuracy] wrote {json_path} and {md_path}")
     return report
 
 

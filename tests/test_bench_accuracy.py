@@ -39,7 +39,7 @@ def test_quick_bench_writes_results_and_resumes(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
 
-    saved = json.loads((tmp_path / "bench" / "accuracy.json").read_text())
+    saved = json.loads((tmp_path / "bench" / "accuracy-quick.json").read_text())
     assert set(saved["summary"]) == {"baseline", "naive-divprune-0.25", "dualspeed-divprune-0.25"}
     for name, summary in saved["summary"].items():
         assert 0.0 <= summary["full_accuracy_mean"] <= 1.0 and 0.0 <= summary["compressed_accuracy_mean"] <= 1.0
@@ -47,7 +47,7 @@ def test_quick_bench_writes_results_and_resumes(tmp_path, capsys):
     # The resumed invocation trained only the new recipe and kept the earlier runs as they were.
     assert "seed 0: baseline\n" not in printed and "seed 0: dualspeed-divprune-0.25\n" in printed
     assert second["runs"]["baseline"] == json.loads(json.dumps(first["runs"]["baseline"]))
-    assert "| dualspeed-divprune-0.25 |" in (tmp_path / "bench" / "accuracy.md").read_text()
+    assert "| dualspeed-divprune-0.25 |" in (tmp_path / "bench" / "accuracy-quick.md").read_text()
 
     # Another configuration (here: more steps) is not mixed with the saved runs.
     bench.main(["--recipes", "baseline", "--steps", "4", "--resume", *common])
