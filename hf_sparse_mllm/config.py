@@ -185,6 +185,8 @@ class SparseMLLMConfig(PreTrainedConfig):
             logger.warning(
                 "skip_layers is only used by layer_skip_policy='fixed'; it is ignored with %r.", self.layer_skip_policy
             )
+        if self.skip_on_slow_steps and self.layer_skip_policy is None:
+            logger.warning("skip_on_slow_steps=True has no effect without a layer_skip_policy.")
         if self.skip_layers is not None and any(i < 0 for i in self.skip_layers):
             raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers}.")
 

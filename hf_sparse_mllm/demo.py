@@ -134,7 +134,7 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
     # model's share of a step is large enough for compression to show its speed-up.
     "bench": DemoConfig(image_size=192, max_steps=3000),
     # The combined recipe (token compression + DualSpeed + layer skipping): a 4-layer decoder, so that with the first
-    # and last layer protected there are layers to skip, and wide enough that the decoder dominates a step.
+    # and last layer protected there are layers to skip; deeper, the decoder's share of a step grows too.
     "bench-deep": DemoConfig(image_size=192, num_hidden_layers=4, max_steps=2000),
     # A smoke run (tests, `--quick`): 16 visual tokens, a few steps, seconds.
     "quick": DemoConfig(
@@ -366,11 +366,12 @@ class AccuracyCurveCallback(TrainerCallback):
 
 
 def time_to_accuracy(baseline_curve: list[dict], sparse_curve: list[dict]) -> dict[str, Any] | None:
-    """When the sparse run first reached the baseline's final accuracy on the curve subset, in training seconds.
+    """How soon each run first reached the baseline's final accuracy on the curve subset, in training seconds.
 
-    Returns `None` without curves; otherwise `target` (the baseline's last curve accuracy), `baseline_seconds` (its
-    training time at that point), `sparse_seconds` and `sparse_step` (the first sparse curve point at or above the
-    target, `None` if none) and `speedup` (`baseline_seconds / sparse_seconds`, `None` if not reached).
+    Returns `None` without curves or when that accuracy is 0 (nothing to reach); otherwise `target` (the baseline's
+    last curve accuracy), `baseline_seconds` (the baseline's first curve point at or above it, which may come before
+    its last), `sparse_seconds` and `sparse_step` (the sparse run's first such point, `None` if none) and `speedup`
+    (`baseline_seconds / sparse_seconds`, `None` if the sparse run never reached the target).
 
     ```python
     >>> base = [{"step": 10, "train_seconds": 10.0, "accuracy": {"overall": 0.5}},
@@ -382,32 +383,35 @@ def time_to_accuracy(baseline_curve: list[dict], sparse_curve: list[dict]) -> di
 
     ```
     """
-    if not baseline_curve or not sparse_curve:
+    if not baseline_curve or not sparse_curve or baseline_curve[-1]["accuracy"]["overall"] <= 0:
         return None
     target = baseline_curve[-1]["accuracy"]["overall"]
-    hit = next((p for p in sparse_curve if p["accuracy"]["overall"] >= target), None)
-    base_seconds = baseline_curve[-1]["train_seconds"]
+
+    def first_at_target(curve):
+        return next((p for p in curve if p["accuracy"]["overall"] >= target), None)
+
+    base, hit = first_at_target(baseline_curve), first_at_target(sparse_curve)
     return {
         "target": target,
-        "baseline_seconds": base_seconds,
+        "baseline_seconds": base["train_seconds"],
         "sparse_seconds": hit["train_seconds"] if hit else None,
         "sparse_step": hit["step"] if hit else None,
-        "speedup": base_seconds / max(hit["train_seconds"], 1e-9) if hit else None,
+        "speedup": base["train_seconds"] / max(hit["train_seconds"], 1e-9) if hit else None,
     }
 
 
 def time_to_accuracy_sentence(result: dict[str, Any] | None) -> str:
     if result is None:
-        return "No accuracy curve was recorded."
+        return "No accuracy curve to compare."
     if result["sparse_seconds"] is None:
         return (
             f"The sparse run did not reach the baseline's final curve accuracy ({_pct(result['target'])} %) at any "
             "curve point."
         )
     return (
-        f"The sparse run reached the baseline's final accuracy on the curve subset ({_pct(result['target'])} %) at "
-        f"step {result['sparse_step']}, after {result['sparse_seconds']:.0f} s of training (baseline: "
-        f"{result['baseline_seconds']:.0f} s): {result['speedup']:.2f}x sooner."
+        f"Time to the baseline's final accuracy on the curve subset ({_pct(result['target'])} %): "
+        f"{result['sparse_seconds']:.0f} s for the sparse run (step {result['sparse_step']}), "
+        f"{result['baseline_seconds']:.0f} s for the baseline: {result['speedup']:.2f}x."
     )
 
 

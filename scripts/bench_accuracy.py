@@ -164,22 +164,31 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _finished_runs(path: Path, report: dict, config) -> dict[str, list[dict]]:
-    """Runs of an earlier `accuracy.json` that used the same configuration and recipe definitions (for `--resume`)."""
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _finished_runs(path: Path, report: dict, config) -> tuple[dict[str, list[dict]], float]:
+    """Runs of an earlier results file with the same configuration and recipe definitions, and the benchmark time
+    they took (for `--resume`). Runs of recipes not asked for now are dropped, with a message."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     previous = json.loads(path.read_text())
     # The accuracy-curve and evaluation batch settings do not change what is trained or measured.
     ignored = {"curve_points", "curve_samples", "eval_batch_size"}
     old, new = previous.get("config") or {}, json.loads(json.dumps(asdict(config)))
     if {k: v for k, v in old.items() if k not in ignored} != {k: v for k, v in new.items() if k not in ignored}:
         print(f"[bench-accuracy] {path} used another configuration: starting afresh", flush=True)
-        return {}
-    return {
-        name: done
-        for name, done in previous.get("runs", {}).items()
-        if name in report["recipes"] and previous.get("recipes", {}).get(name) == report["recipes"][name]
-    }
+        return {}, 0.0
+    kept = {}
+    for name, done in previous.get("runs", {}).items():
+        if name in report["recipes"] and previous.get("recipes", {}).get(name) == report["recipes"][name]:
+            kept[name] = done
+        else:
+            print(f"[bench-accuracy] dropping the earlier runs of {name} (not asked for, or redefined)", flush=True)
+    return kept, float(previous.get("total_seconds", 0.0))
 
 
 def main(argv=None) -> dict:
@@ -190,10 +199,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-samples", type=int)
     parser.add_argument("--test-samples", type=int)
     parser.add_argument("--threads", type=int)
-    parser.add_argument(
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
         "--preset", choices=sorted(DEMO_PRESETS), default="bench", help="data and model size (default: bench)"
     )
-    parser.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run")
+    size.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run")
     parser.add_argument("--no-curve", action="store_true", help="skip the accuracy-curve checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -235,10 +245,21 @@ def main(argv=None) -> dict:
         "blind_baseline": blind_baseline(dataset["train"], dataset["test"]),
         "machine": machine_info(),
     }
+    earlier_seconds = 0.0
     if args.resume:
-        for name, done in _finished_runs(json_path, report, config).items():
+        finished, earlier_seconds = _finished_runs(json_path, report, config)
+        for name, done in finished.items():
             runs[name] = [r for r in done if r["seed"] in seeds]
             print(f"[bench-accuracy] resumed {name}: seeds {[r['seed'] for r in runs[name]]}", flush=True)
+
+    def write_results():
+        # After every run: a long benchmark can be inspected (or interrupted, then resumed) midway.
+        report["runs"] = runs
+        report["summary"] = summarize({k: v for k, v in runs.items() if v})
+        report["total_seconds"] = earlier_seconds + time.perf_counter() - start
+        _write_atomically(json_path, json.dumps(report, indent=2) + "\n")
+        _write_atomically(md_path, format_markdown(report))
+
     # Seeds outermost, so a run cut short still has every recipe for the first seeds.
     for seed in seeds:
         for name in names:
@@ -262,18 +283,15 @@ def main(argv=None) -> dict:
                 curve=not args.no_curve,
             )
             result["seed"] = seed
+            result["machine"] = machine_info()  # resumed benchmarks combine runs of several sessions
             runs[name].append(result)
             print(
                 f"[bench-accuracy] seed {seed}: {name}: {result['train_seconds']:.0f} s, full "
                 f"{100 * result['accuracy']:.1f} %, compressed {100 * result['compressed_accuracy']:.1f} %",
                 flush=True,
             )
-            # Written after every run: a long benchmark can be inspected (or interrupted) midway.
-            report["runs"] = runs
-            report["summary"] = summarize({k: v for k, v in runs.items() if v})
-            report["total_seconds"] = time.perf_counter() - start
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-            md_path.write_text(format_markdown(report))
+            write_results()
+    write_results()
     markdown = format_markdown(report)
     print(markdown)
     print(f"[bench-accuracy] wrote {json_path} and {md_path}")

@@ -49,6 +49,14 @@ def test_quick_bench_writes_results_and_resumes(tmp_path, capsys):
     assert second["runs"]["baseline"] == json.loads(json.dumps(first["runs"]["baseline"]))
     assert "| dualspeed-divprune-0.25 |" in (tmp_path / "bench" / "accuracy-quick.md").read_text()
 
+    # Everything asked for is finished: nothing trains, the results are rewritten (here without the dropped recipe).
+    third = bench.main(["--recipes", "dualspeed-divprune-0.25", "--resume", *common])
+    printed = capsys.readouterr().out
+    assert "[bench-accuracy] seed 0:" not in printed and "dropping the earlier runs of naive-divprune-0.25" in printed
+    saved = json.loads((tmp_path / "bench" / "accuracy-quick.json").read_text())
+    assert set(saved["summary"]) == set(third["summary"]) == {"baseline", "dualspeed-divprune-0.25"}
+    assert saved["total_seconds"] >= second["total_seconds"]
+
     # Another configuration (here: more steps) is not mixed with the saved runs.
     bench.main(["--recipes", "baseline", "--steps", "4", "--resume", *common])
     assert "starting afresh" in capsys.readouterr().out

@@ -323,6 +323,16 @@ def test_decisions_identical_across_two_processes(tmp_path):
 # ---- bad configuration -------------------------------------------------------------------------------------------
 
 
+def test_skip_on_slow_steps_without_a_policy_warns(caplog):
+    with caplog.at_level("WARNING", logger="hf_sparse_mllm.config"):
+        SparseMLLMConfig(skip_on_slow_steps=True)
+    assert "skip_on_slow_steps=True has no effect without a layer_skip_policy" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_sparse_mllm.config"):
+        SparseMLLMConfig(skip_on_slow_steps=True, layer_skip_policy="stochastic")
+    assert "skip_on_slow_steps" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [

@@ -206,17 +206,39 @@ def test_several_questions_per_image_share_the_image_and_differ():
         assert len(set(questions[start : start + 3])) == 3
 
 
-@pytest.mark.parametrize("questions_per_image", [3, 5])
+@pytest.mark.parametrize("questions_per_image", [2, 3, 5])
 def test_questions_of_one_image_come_from_distinct_families(questions_per_image):
     # Two count questions about one image can be unsatisfiable together (two colours 3 times with 5 objects at most).
-    n = 30 * questions_per_image
+    n = 30 * questions_per_image + 1  # the last image gets the remainder
     rows = build_vqa_dataset(num_train=n, num_test=0, seed=1, image_size=64, questions_per_image=questions_per_image)
     rows = rows["train"]
     images, families = raw_image_bytes(rows), rows["family"]
-    for start in range(0, n, questions_per_image):
+    groups = [families[start : start + questions_per_image] for start in range(0, n, questions_per_image)]
+    for start, group in zip(range(0, n, questions_per_image), groups):
         assert len(set(images[start : start + questions_per_image])) == 1
-        assert len(set(families[start : start + questions_per_image])) == questions_per_image
-    assert Counter(families) == dict.fromkeys(FAMILIES, n // len(FAMILIES))
+        assert len(set(group)) == len(group)
+    assert [len(g) for g in groups] == [questions_per_image] * 30 + [1]
+    assert sorted(Counter(families).values()) == [n // 5] * 4 + [n // 5 + 1]
+    if questions_per_image == 2:  # families are paired at random: every pair occurs
+        assert {tuple(sorted(g)) for g in groups[:-1]} == {(a, b) for a in FAMILIES for b in FAMILIES if a < b}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(families=["count"], questions_per_image=2),  # two counts per image: targets fit in 5 objects together
+        dict(questions_per_image=6),  # more questions than families: one family repeats per image
+        dict(max_objects=2, families=["count", "color"]),  # count answers above max_objects are never drawn
+        dict(families={"color": 3.0, "exist": 1.0}, questions_per_image=2),  # colour must repeat on half the images
+    ],
+)
+def test_constrained_question_mixes_generate_and_stay_correct(kwargs):
+    rows = build_vqa_dataset(num_train=48, num_test=0, seed=2, image_size=64, **kwargs)["train"]
+    assert rows.num_rows == 48
+    for row in rows:
+        assert answer_question(Scene.from_json(row["scene"]), row["question"]) == row["answer"]
+    if "max_objects" in kwargs:
+        assert max(int(a) for a, f in zip(rows["answer"], rows["family"]) if f == "count") <= 2
 
 
 def test_solver_rejects_ambiguous_questions_and_renderer_checks_the_grid():

@@ -123,7 +123,7 @@ def sample_scene(rng: np.random.Generator, grid_size: int = 12, min_objects: int
 
 
 def render_scene(scene: Scene, image_size: int = 192, cell_size: int = 16, border: int = 1) -> Image.Image:
-    """Draw `scene` on a grey RGB canvas: each object a filled shape in its `cell_size` cell, 1 px from the cell edge.
+    """Draw `scene` on a grey RGB canvas: each object a filled shape inside its `cell_size` cell, clear of its edges.
 
     Args:
         scene ([`Scene`]): what to draw.
@@ -229,24 +229,60 @@ def _family_schedule(
     weights: dict[str, float], n: int, rng: np.random.Generator, group_size: int = 1
 ) -> list[list[str]]:
     """Exactly `round(weight share * n)` questions per family (largest remainder), in random groups of `group_size`
-    (one group per image); a group repeats a family only when that family has more questions than there are groups."""
+    (one group per image, the last one holding the remainder). A group repeats a family only when that family has
+    more questions than there are groups with room left."""
     names = list(weights)
     shares = np.array([weights[f] for f in names]) / sum(weights.values()) * n
     counts = np.floor(shares).astype(int)
     for i in np.argsort(-(shares - counts), kind="stable")[: n - counts.sum()]:
         counts[i] += 1
-    schedule = [f for f, c in zip(names, counts) for _ in range(c)]
     if group_size == 1:
+        schedule = [f for f, c in zip(names, counts) for _ in range(c)]
         return [[schedule[i]] for i in rng.permutation(n)]
-    # Dealing the family-sorted list round-robin puts each family's questions into distinct groups (two questions of
-    # one family can be unsatisfiable together, e.g. two counts of 3 with 5 objects at most).
-    num_groups = -(-n // group_size)
-    groups: list[list[str]] = [[] for _ in range(num_groups)]
-    for j, family in enumerate(schedule):
-        groups[j % num_groups].append(family)
-    return [
-        [group[i] for i in rng.permutation(len(group))] for group in (groups[g] for g in rng.permutation(num_groups))
-    ]
+    sizes = np.full(-(-n // group_size), group_size)
+    if n % group_size:
+        sizes[-1] = n % group_size
+    filled = np.zeros_like(sizes)
+    groups: list[list[str]] = [[] for _ in sizes]
+    # Each family goes to distinct groups drawn at random, the emptiest groups likelier, most frequent family first,
+    # so that families are spread without repeats whenever the weights allow.
+    for i in np.argsort(-counts, kind="stable"):
+        remaining = int(counts[i])
+        while remaining:
+            room = sizes - filled
+            open_groups = np.flatnonzero(room > 0)
+            chosen = rng.choice(
+                open_groups, size=min(remaining, len(open_groups)), replace=False, p=room[open_groups] / room.sum()
+            )
+            for g in chosen:
+                groups[g].append(names[i])
+            filled[chosen] += 1
+            remaining -= len(chosen)
+    _swap_out_repeats(groups, rng)
+    return [[group[j] for j in rng.permutation(len(group))] for group in groups]
+
+
+def _swap_out_repeats(groups: list[list[str]], rng: np.random.Generator, probes: int = 64) -> None:
+    """Where the greedy fill left a family twice in a group, swap one copy with another group's family (in place)."""
+    for group in groups:
+        for family in sorted({f for f in group if group.count(f) > 1}):
+            for b in rng.integers(len(groups), size=probes):
+                if group.count(family) == 1:
+                    break
+                other = groups[b]
+                swap = next((f for f in other if f not in group), None) if family not in other else None
+                if swap is not None:
+                    group[group.index(family)], other[other.index(swap)] = swap, family
+
+
+def _count_targets(families: list[str], rng: np.random.Generator, max_objects: int) -> list[int]:
+    """Answers of the image's count questions, drawn before the scene (so that rejection sampling cannot skew them
+    towards 0 or 1) and jointly possible: no target above `max_objects`, and together at most `max_objects`."""
+    allowed = [t for t in COUNT_TARGETS if t <= max_objects]
+    while True:
+        targets = [int(rng.choice(allowed)) if f == "count" else 0 for f in families]
+        if sum(targets) <= max_objects:
+            return targets
 
 
 def _scene_bucket(scene: Scene) -> int:
@@ -298,8 +334,7 @@ def _generate_split(
     columns: dict[str, list] = {k: [] for k in ("images", "messages", "question", "answer", "family", "scene")}
     split = "test" if test_split else "train"
     for families in tqdm(schedule, desc=f"Drawing {split} scenes", unit="image", disable=not progress):
-        # Count targets are drawn before the scene so rejection sampling cannot skew the answers towards 0 or 1.
-        targets = [int(rng.choice(COUNT_TARGETS)) if f == "count" else 0 for f in families]
+        targets = _count_targets(families, rng, max_objects)
         for _ in range(_MAX_SCENE_TRIES):
             scene = sample_scene(rng, grid_size=grid_size, max_objects=max_objects)
             if (_scene_bucket(scene) == 0) != test_split:
@@ -375,7 +410,7 @@ def build_vqa_dataset(
             its share of the samples (rounded).
         questions_per_image (`int`, *optional*, defaults to `1`): distinct questions asked about each image, of
             distinct families where the family weights allow; each question is one row, the image is repeated. When
-            the number of samples is not a multiple, some images get one question fewer.
+            the number of samples is not a multiple, the last image gets the remainder.
         max_objects (`int`, *optional*, defaults to `5`): most objects per scene (at least 1).
         border (`int`, *optional*, defaults to `1`): width of the black border around each shape; `0` for none.
         image_first (`bool`, *optional*, defaults to `False`): put the image before the question in the user turn
