@@ -45,7 +45,7 @@ bench-accuracy: install
 	$(BIN)/python scripts/bench_accuracy.py $(BENCH_ACCURACY_ARGS)
 
 # The combined recipe (compression + DualSpeed + layer skipping) on a 4-layer decoder.
-DEEP_RECIPES ?= baseline,dualspeed-divprune-0.1,sts-divprune-0.1-skip0.25,sts-divprune-0.1-skip0.25-slowskip
+DEEP_RECIPES ?= baseline,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-skip0.25,dualspeed-divprune-0.1
 bench-accuracy-deep: install
 	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
 
