@@ -1,6 +1,6 @@
 """`make demo`: train a tiny LLaVA with the stock `Trainer` and with `SparseMLLMTrainer`, compare speed and accuracy.
 
-    python scripts/demo.py                        # the full demo (about 15 minutes on an idle 2-core CPU)
+    python scripts/demo.py                        # the full demo (about 10 minutes on an idle 2-core CPU)
     python scripts/demo.py --quick                # a smoke run (well under a minute)
     python scripts/demo.py --preset bench         # the accuracy benchmark's larger model (144 visual tokens)
     python scripts/demo.py --steps 3000 --train-samples 40000 --output outputs/demo-long
