@@ -67,7 +67,7 @@ class DemoConfig:
             tower and a 2 x 128 decoder: objects fill whole patches, so one narrow tower layer recognises them, and a
             cheap tower leaves most of the step to the language model, which is what token compression speeds up.
         learning_rate (`float`, *optional*, defaults to `3e-4`): AdamW peak learning rate (see the README's
-            learnability sweep).
+            section "Learnability: what was tried").
         warmup_steps (`int`, *optional*, defaults to `100`): linear warm-up, then cosine decay.
         batch_size (`int`, *optional*, defaults to `32`): samples per optimizer step.
         max_steps (`int`, *optional*, defaults to `2000`): optimizer steps of each run.
@@ -76,7 +76,7 @@ class DemoConfig:
         threads (`int`, *optional*, defaults to `1`): `torch.set_num_threads`. One thread by default: with more, every
             small operation waits at a thread barrier whenever another process holds a core (see README, Performance).
         dataloader_workers (`int`, *optional*, defaults to `1`): `dataloader_num_workers`. One worker decodes the PNGs
-            and collates the next batch on the second core while the step runs (about 40 ms of a 200 ms step otherwise).
+            and collates the next batch on the second core while the step runs (tens of milliseconds per step otherwise).
         token_compressor, keep_ratio, slow_mode_prob, num_isolator_tokens: the sparse run's recipe.
     """
 

@@ -5,7 +5,8 @@
     python scripts/bench_accuracy.py --recipes baseline,dualspeed-divprune-0.25,naive-divprune-0.25 --quick
     python scripts/bench_accuracy.py --seeds 0,1 --resume              # add seed 1, keep the finished seed-0 runs
 
-Every recipe trains the same tiny LLaVA as `make demo` (same data, same steps, one run per seed), then evaluates it
+Every recipe trains the same tiny LLaVA (the `--preset`'s data, model and steps; by default `bench`: the demo's model
+at 144 visual tokens, 3,000 steps; one run per seed), then evaluates it
 twice on the same test set: with **all** visual tokens (how the exported model is used) and with the recipe's
 **compressed** tokens (the training-time view; no isolator at inference). Naive pruning (fast mode only: no slow
 steps, no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode
@@ -188,32 +189,31 @@ def _finished_runs(path: Path, report: dict, config) -> tuple[dict[str, list[dic
             kept[name] = done
         else:
             print(f"[bench-accuracy] dropping the earlier runs of {name} (not asked for, or redefined)", flush=True)
-    return kept, float(previous.get("total_seconds", 0.0))
+    return kept, float(previous.get("total_seconds", 0.0)) if kept else 0.0
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated names from {sorted(RECIPES)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (data stays the same)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the demo's)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--train-samples", type=int)
     parser.add_argument("--test-samples", type=int)
     parser.add_argument("--threads", type=int)
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument(
+    parser.add_argument(
         "--preset", choices=sorted(DEMO_PRESETS), default="bench", help="data and model size (default: bench)"
     )
-    size.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: --preset quick, whatever --preset says")
     parser.add_argument("--no-curve", action="store_true", help="skip the accuracy-curve checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the runs of an existing accuracy.json in --output with the same configuration; train the rest",
+        help="keep the runs of the existing results file in --output with the same configuration; train the rest",
     )
     parser.add_argument("--data-dir", default="outputs/data")
-    parser.add_argument("--output", default="benchmarks", help="where accuracy.{json,md} go")
-    parser.add_argument("--runs-dir", default="outputs/bench-accuracy", help="trainer output folders")
+    parser.add_argument("--output", default="benchmarks", help="where the results files (accuracy*.{json,md}) go")
+    parser.add_argument("--runs-dir", help="trainer output folders (default outputs/bench-accuracy/<preset>)")
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
                 run_config,
                 dataset,
                 sparse_config=sparse_config,
-                output_dir=Path(args.runs_dir) / f"{name}-seed{seed}",
+                output_dir=Path(args.runs_dir or f"outputs/bench-accuracy/{preset}") / f"{name}-seed{seed}",
                 compressed_eval=compressed_eval,
                 progress=not args.no_progress,
                 curve=not args.no_curve,

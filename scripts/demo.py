@@ -28,11 +28,12 @@ from hf_sparse_mllm.demo import DEMO_PRESETS, format_table, run_demo, time_to_ac
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument(
+    parser.add_argument(
         "--preset", choices=sorted(DEMO_PRESETS), default="default", help="data and model size (default: the demo's)"
     )
-    size.add_argument("--quick", action="store_true", help="same as --preset quick: a smoke run (seconds)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (seconds): --preset quick, whatever --preset says"
+    )
     parser.add_argument(
         "--output", default=None, help="report folder (default outputs/demo, or outputs/demo-<preset>)"
     )

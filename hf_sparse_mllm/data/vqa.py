@@ -6,7 +6,7 @@ wide in minutes on a CPU, and free-placed ones not at all (SPEC section 9). At t
 cells, 144 visual tokens carry at most 5 objects: most tokens are background, which is the redundancy that visual
 token compression removes.
 
-Two defaults exist for a model trained from scratch (measured, see the README's learnability sweep). Shapes are
+Two defaults exist for a model trained from scratch (measured, see the README's section "Learnability: what was tried"). Shapes are
 filled with their colour and drawn with a 1 px black border (`border=1`): with plain fills a patch embedding sees
 colour x shape as one product (a circle covers 78 % of the square around it), and a tiny model stays at chance on
 shape questions for thousands of steps, while the black border is a colour-independent shape signature that a
