@@ -63,8 +63,9 @@ eval: install
 # the package plus the modules it imports to run generate_until tasks on local data, all with --no-deps.
 # LMMS_EVAL_TARGET=<dir> installs into that folder instead of the venv (then run with PYTHONPATH=<dir>).
 LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+# filelock<4.3: lmms-eval 0.7.3 patches `filelock._api`, which filelock 4.3 removed.
 LMMS_EVAL_DEPS := loguru sacrebleu portalocker tabulate colorama lxml pytz tenacity pytablewriter DataProperty \
-	mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet
+	mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet "filelock<4.3"
 LMMS_EVAL_TARGET ?=
 
 install-lmms-eval: install
