@@ -8,6 +8,8 @@ EXTRAS ?= dev,demo
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep clean
+# Timings are only comparable one at a time: never run benchmark targets in parallel, even under `make -j`.
+.NOTPARALLEL:
 
 install: $(VENV)/.installed
 
@@ -63,7 +65,7 @@ eval: install
 # the package plus the modules it imports to run generate_until tasks on local data, all with --no-deps.
 # LMMS_EVAL_TARGET=<dir> installs into that folder instead of the venv (then run with PYTHONPATH=<dir>).
 LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
-# filelock<4.3: lmms-eval 0.7.3 patches `filelock._api`, which filelock 4.3 removed.
+# filelock<4.3: lmms-eval 0.7.3 imports `filelock._api`, which filelock 4.3 no longer has.
 LMMS_EVAL_DEPS := loguru sacrebleu portalocker tabulate colorama lxml pytz tenacity pytablewriter DataProperty \
 	mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet "filelock<4.3"
 LMMS_EVAL_TARGET ?=

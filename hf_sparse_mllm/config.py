@@ -65,7 +65,8 @@ class SparseMLLMConfig(PreTrainedConfig):
         measure_every (`int`, *optional*, defaults to `100`):
             `redundancy` policy: every `measure_every` optimizer steps a full-depth step measures layer redundancy.
         skip_layers (`list[int]` or `None`, *optional*, defaults to `None`):
-            `fixed` policy: the decoder layer indices skipped on every fast step.
+            `fixed` policy: the decoder layer indices skipped on every fast step (and slow step, with
+            `skip_on_slow_steps`).
         skip_on_slow_steps (`bool`, *optional*, defaults to `False`):
             Also skip layers on slow steps (the all-token student and its fast-mode teacher skip the same layers),
             as STS's instruction stage skips layers with all tokens. By default slow steps run at full depth, so the
@@ -126,7 +127,10 @@ class SparseMLLMConfig(PreTrainedConfig):
         default=100, metadata={"help": "redundancy policy: optimizer steps between full-depth measurements."}
     )
     skip_layers: list[int] | None = field(
-        default=None, metadata={"help": "fixed policy: decoder layer indices skipped on every fast step."}
+        default=None,
+        metadata={
+            "help": "fixed policy: decoder layer indices skipped on every fast step (slow too with skip_on_slow_steps)."
+        },
     )
     skip_on_slow_steps: bool = field(
         default=False, metadata={"help": "Skip layers on slow (all-token) steps too, not only on fast steps."}

@@ -402,7 +402,7 @@ def time_to_accuracy(baseline_curve: list[dict], sparse_curve: list[dict]) -> di
 
 def time_to_accuracy_sentence(result: dict[str, Any] | None) -> str:
     if result is None:
-        return "No accuracy curve to compare."
+        return "No time to accuracy: no accuracy curves, or the baseline's final curve accuracy is 0."
     if result["sparse_seconds"] is None:
         return (
             f"The sparse run did not reach the baseline's final curve accuracy ({_pct(result['target'])} %) at any "
@@ -438,9 +438,12 @@ def train_and_evaluate(
     """Train one tiny LLaVA (stock `Trainer` when `sparse_config` is `None`) and evaluate it with all visual tokens.
 
     Returns a dict with `train_seconds` (excluding curve evaluations), `accuracy` (overall exact match),
-    `accuracy_by_family`, `steps`, `loss_history` (`(step, loss)` pairs), `curve` and, when `compressed_eval` is
-    `(compressor, keep_ratio)`, `compressed_accuracy` / `compressed_accuracy_by_family` from compressed inference.
+    `accuracy_by_family`, `steps`, `loss_history` (`(step, loss)` pairs), `curve`, `run_seconds` (the whole call),
+    for sparse runs `slow_step_fraction` and (with layer skipping) the per-layer `skip_frequency`, and, when
+    `compressed_eval` is `(compressor, keep_ratio)`, `compressed_accuracy` / `compressed_accuracy_by_family` from
+    compressed inference.
     """
+    run_start = time.perf_counter()
     torch.set_num_threads(config.threads)
     model, processor = build_model(config)
     test = dataset["test"]
@@ -499,6 +502,10 @@ def train_and_evaluate(
     if sparse_config is not None:
         slow = [e.get("sparse/slow_step") for e in trainer.state.log_history if "sparse/slow_step" in e]
         result["slow_step_fraction"] = sum(slow) / len(slow) if slow else 0.0
+        prefix = "sparse/skip_frequency/"
+        final = next((e for e in reversed(trainer.state.log_history) if "train_runtime" in e), {})
+        if any(key.startswith(prefix) for key in final):
+            result["skip_frequency"] = {k[len(prefix) :]: v for k, v in final.items() if k.startswith(prefix)}
     if compressed_eval is not None:
         compressor, keep_ratio = compressed_eval
         compressed = evaluate_vqa(
@@ -517,6 +524,7 @@ def train_and_evaluate(
         trainer.save_model(str(save_model_dir))
         processor.save_pretrained(str(save_model_dir))
         result["model_dir"] = str(save_model_dir)
+    result["run_seconds"] = time.perf_counter() - run_start  # training, curve points and evaluations
     return result
 
 
@@ -745,6 +753,7 @@ __all__ = [
     "prepare_data",
     "run_demo",
     "time_to_accuracy",
+    "time_to_accuracy_sentence",
     "train_and_evaluate",
     "write_plots",
 ]

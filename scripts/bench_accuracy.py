@@ -13,7 +13,8 @@ steps, no isolator) is good at compressed inference and worse with all tokens; D
 isolator close that training-inference gap. Reported per recipe: training time and speed-up over the baseline,
 accuracy (mean and standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family
 accuracy. Writes `accuracy.json` and `accuracy.md` to `--output` (`accuracy-<preset>.*` for presets other than
-`bench`).
+`bench`, `...-quick.*` for `--quick`). `--resume` keeps the finished runs of that file (same configuration, recipe
+and kind of machine), including runs of recipes or seeds left out of this invocation's summary.
 """
 
 from __future__ import annotations
@@ -171,25 +172,51 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _finished_runs(path: Path, report: dict, config) -> tuple[dict[str, list[dict]], float]:
-    """Runs of an earlier results file with the same configuration and recipe definitions, and the benchmark time
-    they took (for `--resume`). Runs of recipes not asked for now are dropped, with a message."""
+# What a run's time depends on besides the configuration: runs timed on another kind of machine are not compared.
+MACHINE_KEYS = ("cpus", "threads", "device", "torch", "python")
+
+
+def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
+    """The runs of an earlier results file that `--resume` can keep: same configuration, same recipe (the resolved
+    `SparseMLLMConfig`, not only its name) and timed on the same kind of machine. Incompatible runs are dropped with a
+    message; a file made with another configuration raises `ValueError` rather than being overwritten."""
     if not path.is_file():
-        return {}, 0.0
+        return {}
     previous = json.loads(path.read_text())
     # The accuracy-curve and evaluation batch settings do not change what is trained or measured.
     ignored = {"curve_points", "curve_samples", "eval_batch_size"}
     old, new = previous.get("config") or {}, json.loads(json.dumps(asdict(config)))
-    if {k: v for k, v in old.items() if k not in ignored} != {k: v for k, v in new.items() if k not in ignored}:
-        print(f"[bench-accuracy] {path} used another configuration: starting afresh", flush=True)
-        return {}, 0.0
-    kept = {}
-    for name, done in previous.get("runs", {}).items():
-        if name in report["recipes"] and previous.get("recipes", {}).get(name) == report["recipes"][name]:
-            kept[name] = done
-        else:
-            print(f"[bench-accuracy] dropping the earlier runs of {name} (not asked for, or redefined)", flush=True)
-    return kept, float(previous.get("total_seconds", 0.0)) if kept else 0.0
+    differs = sorted(k for k in old.keys() | new.keys() if k not in ignored and old.get(k) != new.get(k))
+    if differs:
+        raise ValueError(
+            f"{path} was made with another configuration (differs in {differs}); run without --resume to replace "
+            "it, or write elsewhere with --output"
+        )
+    here = {k: machine.get(k) for k in MACHINE_KEYS}
+    saved: dict[str, list[dict]] = {}
+    for group in ("runs", "runs_not_in_summary"):
+        for name, done in (previous.get(group) or {}).items():
+            saved.setdefault(name, []).extend(done)
+    kept: dict[str, list[dict]] = {}
+    for name, done in saved.items():
+        for run in done:
+            spec = RECIPES.get(name, "unknown")
+            expected = None if spec is None else replace(config, seed=run["seed"]).sparse_config(**spec).recipe_dict()
+            ran_on = run.get("machine") or previous.get("machine") or {}
+            if spec == "unknown" or json.loads(json.dumps(expected)) != run.get("sparse_recipe"):
+                why = "its recipe is no longer defined that way"
+            elif {k: ran_on.get(k) for k in MACHINE_KEYS} != here:
+                why = f"it was timed on another machine ({ {k: ran_on.get(k) for k in MACHINE_KEYS} })"
+            else:
+                kept.setdefault(name, []).append(run)
+                continue
+            print(f"[bench-accuracy] dropping the earlier run of {name} seed {run['seed']}: {why}", flush=True)
+    return kept
+
+
+def _run_seconds(run: dict) -> float:
+    # Runs saved before `run_seconds` existed count their training and curve time only.
+    return run.get("run_seconds", run["train_seconds"] + run.get("curve_eval_seconds", 0.0))
 
 
 def main(argv=None) -> dict:
@@ -203,17 +230,22 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--preset", choices=sorted(DEMO_PRESETS), default="bench", help="data and model size (default: bench)"
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: --preset quick, whatever --preset says")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run (seconds): the quick preset's sizes with --preset's decoder depth; files end in -quick",
+    )
     parser.add_argument("--no-curve", action="store_true", help="skip the accuracy-curve checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the runs of the existing results file in --output with the same configuration; train the rest",
+        help="keep the finished runs of the results file in --output (same configuration, recipes and kind of "
+        "machine); train only the rest",
     )
     parser.add_argument("--data-dir", default="outputs/data")
     parser.add_argument("--output", default="benchmarks", help="where the results files (accuracy*.{json,md}) go")
-    parser.add_argument("--runs-dir", help="trainer output folders (default outputs/bench-accuracy/<preset>)")
+    parser.add_argument("--runs-dir", help="trainer output folders (default outputs/bench-accuracy/<preset>[-quick])")
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -222,40 +254,62 @@ def main(argv=None) -> dict:
         parser.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)}")
     if "baseline" not in names:
         names.insert(0, "baseline")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    preset = "quick" if args.quick else args.preset
-    config = DEMO_PRESETS[preset]
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        parser.error("--seeds is empty")
+    config = DEMO_PRESETS[args.preset]
+    if args.quick:  # the smoke sizes, with the preset's decoder depth (so `bench-deep` still has layers to skip)
+        config = replace(DEMO_PRESETS["quick"], num_hidden_layers=config.num_hidden_layers)
     overrides = {"max_steps": args.steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
     overrides["threads"] = args.threads
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "accuracy" if preset == "bench" else f"accuracy-{preset}"
+    stem = ("accuracy" if args.preset == "bench" else f"accuracy-{args.preset}") + ("-quick" if args.quick else "")
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    runs_dir = f"outputs/bench-accuracy/{args.preset}" + ("-quick" if args.quick else "")
     torch.set_num_threads(config.threads)
+    machine = machine_info()
+    finished = {}
+    if args.resume:
+        try:
+            finished = _finished_runs(json_path, config, machine)
+        except ValueError as error:
+            parser.error(f"--resume: {error}")
 
     start = time.perf_counter()
     dataset = prepare_data(config, args.data_dir, progress=not args.no_progress)  # one data set for every run
     runs: dict[str, list[dict]] = {name: [] for name in names}
+    # Finished runs of recipes or seeds not asked for now: left out of the summary, kept for a later --resume.
+    set_aside: dict[str, list[dict]] = {}
+    for name, done in finished.items():
+        for run in done:
+            (runs[name] if name in runs and run["seed"] in seeds else set_aside.setdefault(name, [])).append(run)
+        aside = [r["seed"] for r in set_aside.get(name, [])]
+        print(
+            f"[bench-accuracy] resumed {name}: seeds {[r['seed'] for r in runs.get(name, [])]}"
+            + (f"; seeds {aside} kept out of this summary (not asked for)" if aside else ""),
+            flush=True,
+        )
     report = {
         "config": asdict(config),
         "num_visual_tokens": config.num_visual_tokens,
         "seeds": seeds,
         "recipes": {name: RECIPES[name] for name in names},
         "blind_baseline": blind_baseline(dataset["train"], dataset["test"]),
-        "machine": machine_info(),
+        "machine": machine,
     }
-    earlier_seconds = 0.0
-    if args.resume:
-        finished, earlier_seconds = _finished_runs(json_path, report, config)
-        for name, done in finished.items():
-            runs[name] = [r for r in done if r["seed"] in seeds]
-            print(f"[bench-accuracy] resumed {name}: seeds {[r['seed'] for r in runs[name]]}", flush=True)
+    earlier_seconds = sum(_run_seconds(r) for done in runs.values() for r in done)
 
     def write_results():
         # After every run: a long benchmark can be inspected (or interrupted, then resumed) midway.
         report["runs"] = runs
+        report["runs_not_in_summary"] = set_aside
         report["summary"] = summarize({k: v for k, v in runs.items() if v})
+        # The kept runs' own time plus this invocation's.
         report["total_seconds"] = earlier_seconds + time.perf_counter() - start
         _write_atomically(json_path, json.dumps(report, indent=2) + "\n")
         _write_atomically(md_path, format_markdown(report))
@@ -277,13 +331,13 @@ def main(argv=None) -> dict:
                 run_config,
                 dataset,
                 sparse_config=sparse_config,
-                output_dir=Path(args.runs_dir or f"outputs/bench-accuracy/{preset}") / f"{name}-seed{seed}",
+                output_dir=Path(args.runs_dir or runs_dir) / f"{name}-seed{seed}",
                 compressed_eval=compressed_eval,
                 progress=not args.no_progress,
                 curve=not args.no_curve,
             )
             result["seed"] = seed
-            result["machine"] = machine_info()  # resumed benchmarks combine runs of several sessions
+            result["machine"] = machine  # checked by a later --resume
             runs[name].append(result)
             print(
                 f"[bench-accuracy] seed {seed}: {name}: {result['train_seconds']:.0f} s, full "

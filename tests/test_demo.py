@@ -41,8 +41,10 @@ def test_quick_demo_writes_the_report(quick_demo):
     out, report = quick_demo
     saved = json.loads((out / "report.json").read_text())
     assert {"speedup", "accuracy_retained", "runs", "blind_baseline", "time_to_baseline_accuracy"} <= saved.keys()
-    # The smoke run answers nothing right, so there is no accuracy to reach.
-    assert saved["time_to_baseline_accuracy"] is None or saved["time_to_baseline_accuracy"]["baseline_seconds"] > 0
+    # The smoke run answers nothing right, so there is no accuracy to reach, and the report says so.
+    assert saved["runs"]["baseline"]["curve"][-1]["accuracy"]["overall"] == 0.0
+    assert saved["time_to_baseline_accuracy"] is None
+    assert "the baseline's final curve accuracy is 0" in (out / "report.md").read_text()
     assert saved["speedup"] > 0
     assert set(saved["runs"]) == {"baseline", "sparse"}
     for run in saved["runs"].values():

@@ -20,7 +20,7 @@ Each sample is one image and one question with a one-word answer, tagged with a 
 | `color` | what color is the <shape> ? (the shape is unique in the scene) | a colour |
 | `shape` | what shape is the <color> object ? (the colour is unique in the scene) | a shape |
 | `exist` | is there a <color> <shape> ? | yes / no, balanced |
-| `count` | how many <color> objects are there ? | "0" .. "3", balanced |
+| `count` | how many <color> objects are there ? | "0" .. "3", balanced (one count question per image) |
 | `relation` | is the <color> <shape> left of the <color> <shape> ? (both unique, different columns) | yes / no, balanced |
 
 Answers are balanced within each family so a question-only model stays near chance (see [`blind_baseline`]).
@@ -131,7 +131,8 @@ def render_scene(scene: Scene, image_size: int = 192, cell_size: int = 16, borde
         cell_size (`int`, *optional*, defaults to `16`): cell side in pixels; use a multiple of the vision patch size
             so every object covers whole patches.
         border (`int`, *optional*, defaults to `1`): width of the black border around each shape; `0` draws plain
-            fills. With a border, circles are drawn smaller than squares so that the two borders share no pixel.
+            fills. With a border, circles are drawn `cell_size // 8` pixels smaller than squares, so that their borders
+            share no pixel while `border` is at most that inset.
     """
     if border < 0:
         raise ValueError(f"border must be >= 0 (0 draws plain fills), got {border}.")
@@ -229,8 +230,8 @@ def _family_schedule(
     weights: dict[str, float], n: int, rng: np.random.Generator, group_size: int = 1
 ) -> list[list[str]]:
     """Exactly `round(weight share * n)` questions per family (largest remainder), in random groups of `group_size`
-    (one group per image, the last one holding the remainder). A group repeats a family only when that family has
-    more questions than there are groups with room left."""
+    (one group per image, the last one holding the remainder). Repeats of a family within a group are avoided where
+    possible, best effort: a bounded number of random swaps with other groups."""
     names = list(weights)
     shares = np.array([weights[f] for f in names]) / sum(weights.values()) * n
     counts = np.floor(shares).astype(int)
@@ -277,7 +278,8 @@ def _swap_out_repeats(groups: list[list[str]], rng: np.random.Generator, probes:
 
 def _count_targets(families: list[str], rng: np.random.Generator, max_objects: int) -> list[int]:
     """Answers of the image's count questions, drawn before the scene (so that rejection sampling cannot skew them
-    towards 0 or 1) and jointly possible: no target above `max_objects`, and together at most `max_objects`."""
+    towards 0 or 1) and jointly possible: no target above `max_objects`, and together at most `max_objects`. With
+    several count questions on one image, that joint limit makes large answers rarer (e.g. two per image: "3" 20 %)."""
     allowed = [t for t in COUNT_TARGETS if t <= max_objects]
     while True:
         targets = [int(rng.choice(allowed)) if f == "count" else 0 for f in families]
