@@ -19,6 +19,13 @@ def _bench_module():
     return module
 
 
+@pytest.fixture
+def bench():
+    threads = torch.get_num_threads()
+    yield _bench_module()
+    torch.set_num_threads(threads)  # main() sets the benchmark's own thread count
+
+
 def _common(tmp_path):
     return [
         "--quick",
@@ -33,91 +40,76 @@ def _common(tmp_path):
     ]
 
 
-def test_quick_bench_writes_results_and_resumes(tmp_path, capsys):
-    bench = _bench_module()
+def test_quick_bench_writes_results_and_resumes(bench, tmp_path, capsys):
     common = _common(tmp_path)
     results = tmp_path / "bench" / "accuracy-quick.json"
-    threads = torch.get_num_threads()
-    try:
-        first = bench.main(["--recipes", "naive-divprune-0.25", *common])
-        capsys.readouterr()
-        second = bench.main(["--recipes", "naive-divprune-0.25,dualspeed-divprune-0.25", "--resume", *common])
-        printed = capsys.readouterr().out
+    first = bench.main(["--recipes", "naive-divprune-0.25", *common])
+    capsys.readouterr()
+    second = bench.main(["--recipes", "naive-divprune-0.25,dualspeed-divprune-0.25", "--resume", *common])
+    printed = capsys.readouterr().out
 
-        saved = json.loads(results.read_text())
-        assert set(saved["summary"]) == {"baseline", "naive-divprune-0.25", "dualspeed-divprune-0.25"}
-        for name, summary in saved["summary"].items():
-            assert 0.0 <= summary["full_accuracy_mean"] <= 1.0 and 0.0 <= summary["compressed_accuracy_mean"] <= 1.0
-            assert summary["speedup"] > 0, name
-        # The resumed invocation trained only the new recipe and kept the earlier runs as they were.
-        assert "seed 0: baseline\n" not in printed and "seed 0: dualspeed-divprune-0.25\n" in printed
-        assert second["runs"]["baseline"] == json.loads(json.dumps(first["runs"]["baseline"]))
-        assert "| dualspeed-divprune-0.25 |" in (tmp_path / "bench" / "accuracy-quick.md").read_text()
+    saved = json.loads(results.read_text())
+    assert set(saved["summary"]) == {"baseline", "naive-divprune-0.25", "dualspeed-divprune-0.25"}
+    for name, summary in saved["summary"].items():
+        assert 0.0 <= summary["full_accuracy_mean"] <= 1.0 and 0.0 <= summary["compressed_accuracy_mean"] <= 1.0
+        assert summary["speedup"] > 0, name
+    # The resumed invocation trained only the new recipe and kept the earlier runs as they were.
+    assert "seed 0: baseline\n" not in printed and "seed 0: dualspeed-divprune-0.25\n" in printed
+    assert second["runs"]["baseline"] == json.loads(json.dumps(first["runs"]["baseline"]))
+    assert "| dualspeed-divprune-0.25 |" in (tmp_path / "bench" / "accuracy-quick.md").read_text()
 
-        # Everything asked for is finished: nothing trains; the recipe not asked for leaves the summary but stays in
-        # the file, and the benchmark time counts only the runs in the summary (a marked run time shows which).
-        saved["runs"]["naive-divprune-0.25"][0]["run_seconds"] = 1e6
-        results.write_text(json.dumps(saved))
-        third = bench.main(["--recipes", "dualspeed-divprune-0.25", "--seeds", "0,", "--resume", *common])
-        printed = capsys.readouterr().out
-        assert "[bench-accuracy] seed 0:" not in printed
-        saved = json.loads(results.read_text())
-        assert set(saved["summary"]) == set(third["summary"]) == {"baseline", "dualspeed-divprune-0.25"}
-        assert [r["seed"] for r in saved["runs_not_in_summary"]["naive-divprune-0.25"]] == [0]
-        kept = sum(r["run_seconds"] for done in saved["runs"].values() for r in done)
-        assert kept <= saved["total_seconds"] < 1e6
+    # Everything asked for is finished: nothing trains; the recipe not asked for leaves the summary but stays in
+    # the file, and the benchmark time counts only the runs in the summary (a marked run time shows which).
+    saved["runs"]["naive-divprune-0.25"][0]["run_seconds"] = 1e6
+    results.write_text(json.dumps(saved))
+    third = bench.main(["--recipes", "dualspeed-divprune-0.25", "--seeds", "0,", "--resume", *common])
+    printed = capsys.readouterr().out
+    assert "[bench-accuracy] seed 0:" not in printed
+    saved = json.loads(results.read_text())
+    assert set(saved["summary"]) == set(third["summary"]) == {"baseline", "dualspeed-divprune-0.25"}
+    assert [r["seed"] for r in saved["runs_not_in_summary"]["naive-divprune-0.25"]] == [0]
+    kept = sum(r["run_seconds"] for done in saved["runs"].values() for r in done)
+    assert kept <= saved["total_seconds"] < 1e6
 
-        # ...and comes back when asked for again, untrained.
-        fourth = bench.main(["--recipes", "naive-divprune-0.25,dualspeed-divprune-0.25", "--resume", *common])
-        assert "[bench-accuracy] seed 0:" not in capsys.readouterr().out
-        assert set(fourth["summary"]) == set(second["summary"]) and fourth["total_seconds"] > 1e6
-    finally:
-        torch.set_num_threads(threads)
+    # ...and comes back when asked for again, untrained.
+    fourth = bench.main(["--recipes", "naive-divprune-0.25,dualspeed-divprune-0.25", "--resume", *common])
+    assert "[bench-accuracy] seed 0:" not in capsys.readouterr().out
+    assert set(fourth["summary"]) == set(second["summary"]) and fourth["total_seconds"] > 1e6
 
 
-def test_resume_refuses_other_configurations_and_retrains_incompatible_runs(tmp_path, capsys):
-    bench = _bench_module()
+def test_resume_refuses_other_configurations_and_retrains_incompatible_runs(bench, tmp_path, capsys):
     common = _common(tmp_path)
     results = tmp_path / "bench" / "accuracy-quick.json"
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--recipes", "naive-divprune-0.25", *common])
-        before = results.read_text()
-        capsys.readouterr()
+    bench.main(["--recipes", "naive-divprune-0.25", *common])
+    before = results.read_text()
+    capsys.readouterr()
 
-        # Another configuration (here: more steps) is refused, and the saved runs are left alone.
-        with pytest.raises(SystemExit):
-            bench.main(["--recipes", "naive-divprune-0.25", "--steps", "4", "--resume", *common])
-        assert "differs in ['max_steps']" in capsys.readouterr().err and results.read_text() == before
-        with pytest.raises(SystemExit):
-            bench.main(["--seeds", "0,one", *common])
-        assert "--seeds takes comma-separated integers" in capsys.readouterr().err
+    # Another configuration (here: more steps) is refused, and the saved runs are left alone.
+    with pytest.raises(SystemExit):
+        bench.main(["--recipes", "naive-divprune-0.25", "--steps", "4", "--resume", *common])
+    assert "differs in ['max_steps']" in capsys.readouterr().err and results.read_text() == before
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "0,one", *common])
+    assert "--seeds takes comma-separated integers" in capsys.readouterr().err
 
-        # A run timed on another kind of machine, or of a recipe defined differently now, is trained again.
-        saved = json.loads(before)
-        saved["runs"]["baseline"][0]["machine"]["threads"] += 1
-        results.write_text(json.dumps(saved))
-        bench.RECIPES["naive-divprune-0.25"] = {**bench.RECIPES["naive-divprune-0.25"], "keep_ratio": 0.5}
-        bench.main(["--recipes", "naive-divprune-0.25", "--resume", *common])
-        printed = capsys.readouterr().out
-        assert "dropping the earlier run of baseline seed 0: it was timed on another machine" in printed
-        assert "dropping the earlier run of naive-divprune-0.25 seed 0: its recipe is no longer" in printed
-        assert "seed 0: baseline\n" in printed and "seed 0: naive-divprune-0.25\n" in printed
-        assert json.loads(results.read_text())["runs"]["naive-divprune-0.25"][0]["sparse_recipe"]["keep_ratio"] == 0.5
-    finally:
-        torch.set_num_threads(threads)
+    # A run timed on another kind of machine, or of a recipe defined differently now, is trained again.
+    saved = json.loads(before)
+    saved["runs"]["baseline"][0]["machine"]["threads"] += 1
+    results.write_text(json.dumps(saved))
+    bench.RECIPES["naive-divprune-0.25"] = {**bench.RECIPES["naive-divprune-0.25"], "keep_ratio": 0.5}
+    bench.main(["--recipes", "naive-divprune-0.25", "--resume", *common])
+    printed = capsys.readouterr().out
+    assert "dropping the earlier run of baseline seed 0: it was timed on another machine" in printed
+    assert "dropping the earlier run of naive-divprune-0.25 seed 0: its recipe is no longer" in printed
+    assert "seed 0: baseline\n" in printed and "seed 0: naive-divprune-0.25\n" in printed
+    assert json.loads(results.read_text())["runs"]["naive-divprune-0.25"][0]["sparse_recipe"]["keep_ratio"] == 0.5
 
 
-def test_quick_deep_bench_skips_layers(tmp_path):
+def test_quick_deep_bench_skips_layers(bench, tmp_path):
     """`--quick --preset bench-deep` keeps the 4-layer decoder, so the STS recipe really skips (middle) layers."""
-    bench = _bench_module()
-    threads = torch.get_num_threads()
-    try:
-        report = bench.main(
-            ["--preset", "bench-deep", "--recipes", "sts-divprune-0.1-skip0.25-slowskip", *_common(tmp_path)]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    report = bench.main(
+        ["--preset", "bench-deep", "--recipes", "sts-divprune-0.1-skip0.25-slowskip", *_common(tmp_path)]
+    )
     assert report["config"]["num_hidden_layers"] == 4
     assert (tmp_path / "bench" / "accuracy-bench-deep-quick.json").is_file()
     (run,) = report["runs"]["sts-divprune-0.1-skip0.25-slowskip"]
