@@ -200,10 +200,10 @@ def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
     kept: dict[str, list[dict]] = {}
     for name, done in saved.items():
         for run in done:
-            spec = RECIPES.get(name, "unknown")
-            expected = None if spec is None else replace(config, seed=run["seed"]).sparse_config(**spec).recipe_dict()
+            spec = RECIPES.get(name)
+            expected = spec and replace(config, seed=run["seed"]).sparse_config(**spec).recipe_dict()
             ran_on = run.get("machine") or previous.get("machine") or {}
-            if spec == "unknown" or json.loads(json.dumps(expected)) != run.get("sparse_recipe"):
+            if name not in RECIPES or json.loads(json.dumps(expected)) != run.get("sparse_recipe"):
                 why = "its recipe is no longer defined that way"
             elif {k: ran_on.get(k) for k in MACHINE_KEYS} != here:
                 why = f"it was timed on another machine ({ {k: ran_on.get(k) for k in MACHINE_KEYS} })"

@@ -95,12 +95,14 @@ def test_resume_refuses_other_configurations_and_retrains_incompatible_runs(benc
     # A run timed on another kind of machine, or of a recipe defined differently now, is trained again.
     saved = json.loads(before)
     saved["runs"]["baseline"][0]["machine"]["threads"] += 1
+    saved["runs"]["renamed-recipe"] = [{**saved["runs"]["naive-divprune-0.25"][0]}]
     results.write_text(json.dumps(saved))
     bench.RECIPES["naive-divprune-0.25"] = {**bench.RECIPES["naive-divprune-0.25"], "keep_ratio": 0.5}
     bench.main(["--recipes", "naive-divprune-0.25", "--resume", *common])
     printed = capsys.readouterr().out
     assert "dropping the earlier run of baseline seed 0: it was timed on another machine" in printed
     assert "dropping the earlier run of naive-divprune-0.25 seed 0: its recipe is no longer" in printed
+    assert "dropping the earlier run of renamed-recipe seed 0: its recipe is no longer" in printed
     assert "seed 0: baseline\n" in printed and "seed 0: naive-divprune-0.25\n" in printed
     assert json.loads(results.read_text())["runs"]["naive-divprune-0.25"][0]["sparse_recipe"]["keep_ratio"] == 0.5
 
