@@ -502,10 +502,11 @@ def train_and_evaluate(
     if sparse_config is not None:
         slow = [e.get("sparse/slow_step") for e in trainer.state.log_history if "sparse/slow_step" in e]
         result["slow_step_fraction"] = sum(slow) / len(slow) if slow else 0.0
+        # The trainer logs the per-layer histogram with the final training metrics, the last log entry.
         prefix = "sparse/skip_frequency/"
-        final = next((e for e in reversed(trainer.state.log_history) if "train_runtime" in e), {})
-        if any(key.startswith(prefix) for key in final):
-            result["skip_frequency"] = {k[len(prefix) :]: v for k, v in final.items() if k.startswith(prefix)}
+        frequency = {k[len(prefix) :]: v for k, v in trainer.state.log_history[-1].items() if k.startswith(prefix)}
+        if frequency:
+            result["skip_frequency"] = frequency
     if compressed_eval is not None:
         compressor, keep_ratio = compressed_eval
         compressed = evaluate_vqa(

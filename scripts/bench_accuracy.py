@@ -203,10 +203,11 @@ def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
             spec = RECIPES.get(name)
             expected = spec and replace(config, seed=run["seed"]).sparse_config(**spec).recipe_dict()
             ran_on = run.get("machine") or previous.get("machine") or {}
+            there = {k: ran_on.get(k) for k in MACHINE_KEYS}
             if name not in RECIPES or json.loads(json.dumps(expected)) != run.get("sparse_recipe"):
                 why = "its recipe is no longer defined that way"
-            elif {k: ran_on.get(k) for k in MACHINE_KEYS} != here:
-                why = f"it was timed on another machine ({ {k: ran_on.get(k) for k in MACHINE_KEYS} })"
+            elif there != here:
+                why = f"it was timed on another machine ({there})"
             else:
                 kept.setdefault(name, []).append(run)
                 continue

@@ -6,11 +6,11 @@ wide in minutes on a CPU, and free-placed ones not at all (SPEC section 9). At t
 cells, 144 visual tokens carry at most 5 objects: most tokens are background, which is the redundancy that visual
 token compression removes.
 
-Two defaults exist for a model trained from scratch (measured, see the README's section "Learnability: what was tried"). Shapes are
-filled with their colour and drawn with a 1 px black border (`border=1`): with plain fills a patch embedding sees
-colour x shape as one product (a circle covers 78 % of the square around it), and a tiny model stays at chance on
-shape questions for thousands of steps, while the black border is a colour-independent shape signature that a
-linear layer can read. The question comes before the image in the user turn (`image_first=False`): with causal
+Two defaults exist for a model trained from scratch (measured, see the README's section "Learnability: what was
+tried"). Shapes are filled with their colour and drawn with a 1 px black border (`border=1`): with plain fills a patch
+embedding sees colour x shape as one product (a circle covers 78 % of the square around it), and a tiny model stays at
+chance on shape questions for thousands of steps, while the black border is a colour-independent shape signature that
+a linear layer can read. The question comes before the image in the user turn (`image_first=False`): with causal
 attention the image tokens then see the question, so each can tell whether it is the object asked about.
 
 Each sample is one image and one question with a one-word answer, tagged with a question family:
