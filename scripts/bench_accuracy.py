@@ -66,6 +66,34 @@ RECIPES = {
     "sts-divprune-0.1-skip0.25-slowskip": recipe(
         "divprune", 0.1, layer_skip_policy="redundancy", skip_ratio=0.25, skip_on_slow_steps=True
     ),
+    # Half the slow steps (each runs all 144 tokens and a fast-mode teacher), alone and with milder skipping:
+    # stochastic depth that drops the two middle layers on 12.5 % and 25 % of the steps (0.375 layers a step, not 1).
+    "dualspeed-divprune-0.1-slow0.05": recipe("divprune", 0.1, slow_mode_prob=0.05),
+    "sts-divprune-0.1-stochastic0.25-slow0.05": recipe(
+        "divprune",
+        0.1,
+        slow_mode_prob=0.05,
+        layer_skip_policy="stochastic",
+        max_skip_prob=0.25,
+        skip_on_slow_steps=True,
+    ),
+    # Faster variants of it: more skipping (0.75 layers a step), or 7 visual tokens on fast steps.
+    "sts-divprune-0.1-stochastic0.5-slow0.05": recipe(
+        "divprune",
+        0.1,
+        slow_mode_prob=0.05,
+        layer_skip_policy="stochastic",
+        max_skip_prob=0.5,
+        skip_on_slow_steps=True,
+    ),
+    "sts-divprune-0.05-stochastic0.25-slow0.05": recipe(
+        "divprune",
+        0.05,
+        slow_mode_prob=0.05,
+        layer_skip_policy="stochastic",
+        max_skip_prob=0.25,
+        skip_on_slow_steps=True,
+    ),
 }
 DEFAULT_RECIPES = "baseline,dualspeed-divprune-0.25,naive-divprune-0.25,dualspeed-divprune-0.1,naive-divprune-0.1"
 # The compressed evaluation of the baseline (which has no recipe of its own).

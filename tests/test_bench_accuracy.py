@@ -118,3 +118,15 @@ def test_quick_deep_bench_skips_layers(bench, tmp_path):
     frequency = run["skip_frequency"]
     assert sorted(frequency) == ["layer_00", "layer_01", "layer_02", "layer_03"]
     assert frequency["layer_00"] == frequency["layer_03"] == 0 and frequency["layer_01"] + frequency["layer_02"] > 0
+
+
+def test_every_recipe_is_a_valid_sparse_config(bench):
+    """A typo in a recipe (an unknown field, a value out of range) fails here, not an hour into `make bench`."""
+    config = bench.DEMO_PRESETS["bench-deep"]
+    for name, spec in bench.RECIPES.items():
+        if spec is None:
+            continue
+        sparse = config.sparse_config(**spec)
+        assert sparse.token_compressor == spec["token_compressor"] and sparse.keep_ratio == spec["keep_ratio"], name
+        if "layer_skip_policy" in spec:
+            sparse.check_decoder_depth(config.num_hidden_layers)
