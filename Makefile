@@ -46,7 +46,7 @@ bench-steps: install
 bench-accuracy: install
 	$(BIN)/python scripts/bench_accuracy.py $(BENCH_ACCURACY_ARGS)
 
-# The combined recipe (compression + DualSpeed + layer skipping) on a 4-layer decoder: from no skipping to the most.
+# The combined recipe (compression + DualSpeed + layer skipping) on a 4-layer decoder, and DualSpeed alone.
 DEEP_RECIPES ?= baseline,dualspeed-divprune-0.1,dualspeed-divprune-0.1-slow0.05,sts-divprune-0.1-stochastic0.25-slow0.05,sts-divprune-0.1-stochastic0.5-slow0.05,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-skip0.25,sts-divprune-0.05-stochastic0.25-slow0.05
 bench-accuracy-deep: install
 	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
