@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field, fields
+from difflib import get_close_matches
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -26,7 +27,9 @@ class SparseMLLMConfig(PreTrainedConfig):
     The sparse-training recipe used by [`SparseMLLMTrainer`].
 
     It is a `transformers` config with its own `model_type` (`"sparse_mllm"`), saved as `sparse_mllm_config.json`
-    beside the weights so the base model's `config.json` is never overwritten.
+    beside the weights so the base model's `config.json` is never overwritten. Values are checked on construction
+    (`ValueError` naming the field and its allowed values); an unknown keyword argument is a `TypeError` that suggests
+    the closest field, while `from_pretrained` ignores unknown keys with a warning (files from newer versions).
 
     Args:
         token_compressor (`str` or `None`, *optional*, defaults to `"divprune"`):
@@ -145,6 +148,14 @@ class SparseMLLMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         from .compressors import list_compressors
 
+        if kwargs:
+            # `PreTrainedConfig` keeps unknown keyword arguments as attributes, so a misspelt field would silently
+            # train another recipe. Loading stays lenient: `from_dict` drops unknown keys with a warning first.
+            own = _recipe_fields()
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, own, n=1)) else repr(k) for k in kwargs
+            ]
+            raise TypeError(f"SparseMLLMConfig got unexpected keyword arguments {', '.join(hints)}. Fields: {own}.")
         if self.token_compressor is not None and self.token_compressor not in list_compressors():
             raise ValueError(
                 f"token_compressor must be one of {list_compressors()} or None, got {self.token_compressor!r}."
@@ -216,8 +227,7 @@ class SparseMLLMConfig(PreTrainedConfig):
 
     def recipe_dict(self) -> dict:
         """The recipe fields only (no generic `PreTrainedConfig` attributes), as plain JSON-able values."""
-        own = {f.name for f in fields(SparseMLLMConfig)} - {f.name for f in fields(PreTrainedConfig)}
-        return {name: getattr(self, name) for name in sorted(own)}
+        return {name: getattr(self, name) for name in _recipe_fields()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Write the recipe to `save_directory/sparse_mllm_config.json` (the base `config.json` is left alone).
@@ -304,5 +314,15 @@ class SparseMLLMConfig(PreTrainedConfig):
         config_dict = {k: v for k, v in config_dict.items() if k in known and k != "model_type"}
         return super().from_dict(config_dict, **kwargs)
 
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> SparseMLLMConfig:
+        # The stock one calls `cls(**file)`, which would reject the file's `model_type` (and keys of newer versions).
+        return cls.from_dict(cls._dict_from_json_file(json_file))
+
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps({"model_type": self.model_type, **self.recipe_dict()}, indent=2, sort_keys=True) + "\n"
+
+
+def _recipe_fields() -> list[str]:
+    """Names of the recipe's own fields (not the generic `PreTrainedConfig` ones), sorted."""
+    return sorted({f.name for f in fields(SparseMLLMConfig)} - {f.name for f in fields(PreTrainedConfig)})

@@ -207,6 +207,7 @@ def test_sparse_config_saves_under_its_own_name_with_version(tmp_path):
     saved = json.loads((tmp_path / SPARSE_CONFIG_NAME).read_text())
     assert saved["model_type"] == "sparse_mllm" and saved["sparse_mllm_version"] == __version__
     assert SparseMLLMConfig.from_pretrained(tmp_path).recipe_dict() == config.recipe_dict()
+    assert SparseMLLMConfig.from_json_file(tmp_path / SPARSE_CONFIG_NAME).recipe_dict() == config.recipe_dict()
     assert isinstance(AutoConfig.for_model("sparse_mllm"), SparseMLLMConfig)
 
 

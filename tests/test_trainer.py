@@ -224,6 +224,12 @@ def test_invalid_fields_are_named(field, value, pattern):
         SparseMLLMConfig(**{field: value})
 
 
+def test_misspelt_field_is_an_error_naming_the_field():
+    # `PreTrainedConfig` would keep it as an inert attribute: the run would silently use the default instead.
+    with pytest.raises(TypeError, match=r"'max_skip_prb' \(did you mean 'max_skip_prob'\?\)"):
+        SparseMLLMConfig(layer_skip_policy="stochastic", max_skip_prb=0.3)
+
+
 def test_num_keep_larger_than_image_fails_at_init(tmp_path):
     model, _ = tiny_llava()
     with pytest.raises(ValueError, match="num_keep"):
