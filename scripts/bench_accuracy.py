@@ -48,6 +48,18 @@ def recipe(compressor, keep_ratio, slow_mode_prob=0.1, num_isolator_tokens=4, **
     )
 
 
+def stochastic_recipe(keep_ratio, max_skip_prob):
+    """DivPrune + DualSpeed with 5 % slow steps + stochastic depth on every step, slow ones included."""
+    return recipe(
+        "divprune",
+        keep_ratio,
+        slow_mode_prob=0.05,
+        layer_skip_policy="stochastic",
+        max_skip_prob=max_skip_prob,
+        skip_on_slow_steps=True,
+    )
+
+
 RECIPES = {
     "baseline": None,  # the stock transformers.Trainer
     "dualspeed-divprune-0.25": recipe("divprune", 0.25),
@@ -69,31 +81,10 @@ RECIPES = {
     # Half the slow steps (each runs all 144 tokens and a fast-mode teacher), alone and with milder skipping:
     # stochastic depth that drops the two middle layers on 12.5 % and 25 % of the steps (0.375 layers a step, not 1).
     "dualspeed-divprune-0.1-slow0.05": recipe("divprune", 0.1, slow_mode_prob=0.05),
-    "sts-divprune-0.1-stochastic0.25-slow0.05": recipe(
-        "divprune",
-        0.1,
-        slow_mode_prob=0.05,
-        layer_skip_policy="stochastic",
-        max_skip_prob=0.25,
-        skip_on_slow_steps=True,
-    ),
+    "sts-divprune-0.1-stochastic0.25-slow0.05": stochastic_recipe(0.1, max_skip_prob=0.25),
     # Faster variants of it: more skipping (0.75 layers a step), or 7 visual tokens on fast steps.
-    "sts-divprune-0.1-stochastic0.5-slow0.05": recipe(
-        "divprune",
-        0.1,
-        slow_mode_prob=0.05,
-        layer_skip_policy="stochastic",
-        max_skip_prob=0.5,
-        skip_on_slow_steps=True,
-    ),
-    "sts-divprune-0.05-stochastic0.25-slow0.05": recipe(
-        "divprune",
-        0.05,
-        slow_mode_prob=0.05,
-        layer_skip_policy="stochastic",
-        max_skip_prob=0.25,
-        skip_on_slow_steps=True,
-    ),
+    "sts-divprune-0.1-stochastic0.5-slow0.05": stochastic_recipe(0.1, max_skip_prob=0.5),
+    "sts-divprune-0.05-stochastic0.25-slow0.05": stochastic_recipe(0.05, max_skip_prob=0.25),
 }
 DEFAULT_RECIPES = "baseline,dualspeed-divprune-0.25,naive-divprune-0.25,dualspeed-divprune-0.1,naive-divprune-0.1"
 # The compressed evaluation of the baseline (which has no recipe of its own).
