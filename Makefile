@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep clean
+.PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep bench-accuracy-deep8 clean
 # Timings are only comparable one at a time: never run benchmark targets in parallel, even under `make -j`.
 .NOTPARALLEL:
 
@@ -38,7 +38,7 @@ demo: install
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 # `bench` = the step-time benchmark, then the (long, see README) accuracy benchmarks.
-bench: bench-steps bench-accuracy bench-accuracy-deep
+bench: bench-steps bench-accuracy bench-accuracy-deep bench-accuracy-deep8
 
 bench-steps: install
 	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)
@@ -50,6 +50,11 @@ bench-accuracy: install
 DEEP_RECIPES ?= baseline,dualspeed-divprune-0.1,dualspeed-divprune-0.1-slow0.05,sts-divprune-0.1-stochastic0.25-slow0.05,sts-divprune-0.1-stochastic0.5-slow0.05,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-skip0.25,sts-divprune-0.05-stochastic0.25-slow0.05
 bench-accuracy-deep: install
 	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
+
+# The combined recipe on an 8-layer decoder, where the language model dominates the step (as in LLaVA-1.5).
+DEEP8_RECIPES ?= baseline,sts-divprune-0.1-stochastic0.25-slow0.05,dualspeed-divprune-0.1-slow0.05
+bench-accuracy-deep8: install
+	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep8 --recipes $(DEEP8_RECIPES) $(BENCH_ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs build dist *.egg-info .pytest_cache .ruff_cache

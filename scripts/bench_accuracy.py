@@ -4,6 +4,9 @@
     python scripts/bench_accuracy.py --seeds 0,1,2 --steps 1500
     python scripts/bench_accuracy.py --recipes baseline,dualspeed-divprune-0.25,naive-divprune-0.25 --quick
     python scripts/bench_accuracy.py --seeds 0,1 --resume              # add seed 1, keep the finished seed-0 runs
+    python scripts/bench_accuracy.py --seeds 0 --output outputs/s0 &  # one seed per core...
+    python scripts/bench_accuracy.py --seeds 1 --output outputs/s1; wait
+    python scripts/bench_accuracy.py --seeds 0,1 --merge outputs/s{0,1}/accuracy.json  # ...then one summary
 
 Every recipe trains the same tiny LLaVA (the `--preset`'s data, model and steps; by default `bench`: the demo's model
 at 144 visual tokens, 3,000 steps; one run per seed), then evaluates it
@@ -14,7 +17,8 @@ isolator close that training-inference gap. Reported per recipe: training time a
 accuracy (mean and standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family
 accuracy. Writes `accuracy.json` and `accuracy.md` to `--output` (`accuracy-<preset>.*` for presets other than
 `bench`, `...-quick.*` for `--quick`). `--resume` keeps the finished runs of that file (same configuration, recipe
-and kind of machine), including runs of recipes or seeds left out of this invocation's summary.
+and kind of machine), including runs of recipes or seeds left out of this invocation's summary; `--merge` keeps
+those of other results files too.
 """
 
 from __future__ import annotations
@@ -207,10 +211,7 @@ def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
     old, new = previous.get("config") or {}, json.loads(json.dumps(asdict(config)))
     differs = sorted(k for k in old.keys() | new.keys() if k not in ignored and old.get(k) != new.get(k))
     if differs:
-        raise ValueError(
-            f"{path} was made with another configuration (differs in {differs}); run without --resume to replace "
-            "it, or write elsewhere with --output"
-        )
+        raise ValueError(f"{path} was made with another configuration (differs in {differs})")
     here = {k: machine.get(k) for k in MACHINE_KEYS}
     saved: dict[str, list[dict]] = {}
     for group in ("runs", "runs_not_in_summary"):
@@ -263,6 +264,14 @@ def main(argv=None) -> dict:
         help="keep the finished runs of the results file in --output (same configuration, recipes and kind of "
         "machine); train only the rest",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="other results files of the same configuration (e.g. one seed each, run side by side in separate "
+        "processes): their finished runs are kept as --resume keeps those of --output",
+    )
     parser.add_argument("--data-dir", default="outputs/data")
     parser.add_argument("--output", default="benchmarks", help="where the results files (accuracy*.{json,md}) go")
     parser.add_argument("--runs-dir", help="trainer output folders (default outputs/bench-accuracy/<preset>[-quick])")
@@ -293,12 +302,31 @@ def main(argv=None) -> dict:
     runs_dir = f"outputs/bench-accuracy/{args.preset}" + ("-quick" if args.quick else "")
     torch.set_num_threads(config.threads)
     machine = machine_info()
-    finished = {}
-    if args.resume:
+    finished: dict[str, list[dict]] = {}
+    sources = [("--resume", json_path)] if args.resume else []
+    for path in map(Path, args.merge):
+        if not path.is_file():
+            parser.error(f"--merge: no results file {path}")
+        sources.append(("--merge", path))
+    for option, path in sources:
         try:
-            finished = _finished_runs(json_path, config, machine)
+            kept = _finished_runs(path, config, machine)
         except ValueError as error:
-            parser.error(f"--resume: {error}")
+            hint = (
+                "; run without --resume to replace it, or write elsewhere with --output"
+                if option == "--resume"
+                else ""
+            )
+            parser.error(f"{option}: {error}{hint}")
+        for name, done in kept.items():
+            for run in done:
+                if any(r["seed"] == run["seed"] for r in finished.get(name, [])):
+                    print(
+                        f"[bench-accuracy] {path}: {name} seed {run['seed']} is already kept from an earlier file",
+                        flush=True,
+                    )
+                else:
+                    finished.setdefault(name, []).append(run)
 
     start = time.perf_counter()
     dataset = prepare_data(config, args.data_dir, progress=not args.no_progress)  # one data set for every run

@@ -26,13 +26,13 @@ def bench():
     torch.set_num_threads(threads)  # main() sets the benchmark's own thread count
 
 
-def _common(tmp_path):
+def _common(tmp_path, output="bench"):
     return [
         "--quick",
         "--no-curve",
         "--no-progress",
         "--output",
-        str(tmp_path / "bench"),
+        str(tmp_path / output),
         "--data-dir",
         str(tmp_path / "data"),
         "--runs-dir",
@@ -107,6 +107,30 @@ def test_resume_refuses_other_configurations_and_retrains_incompatible_runs(benc
     assert json.loads(results.read_text())["runs"]["naive-divprune-0.25"][0]["sparse_recipe"]["keep_ratio"] == 0.5
 
 
+def test_merge_summarises_seeds_run_in_separate_processes(bench, tmp_path, capsys):
+    """Seeds trained side by side into separate results files give one summary, with nothing trained again."""
+    recipes = ["--recipes", "naive-divprune-0.25"]
+    files = []
+    for seed in (0, 1):
+        bench.main([*recipes, "--seeds", str(seed), *_common(tmp_path, f"s{seed}")])
+        files.append(str(tmp_path / f"s{seed}" / "accuracy-quick.json"))
+    separate = [json.loads(Path(f).read_text())["runs"] for f in files]
+    capsys.readouterr()
+
+    merged = bench.main([*recipes, "--seeds", "0,1", "--merge", *files, *_common(tmp_path, "both")])
+    assert "[bench-accuracy] seed" not in capsys.readouterr().out
+    for name in ("baseline", "naive-divprune-0.25"):
+        assert json.loads(json.dumps(merged["runs"][name])) == [separate[0][name][0], separate[1][name][0]]
+        assert merged["summary"][name]["seeds"] == 2
+    # A seed found in two files is kept once; a missing file is an error naming the option.
+    again = bench.main([*recipes, "--seeds", "0,1", "--merge", *files, files[0], *_common(tmp_path, "both")])
+    assert len(again["runs"]["baseline"]) == 2
+    assert "baseline seed 0 is already kept from an earlier file" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--merge", str(tmp_path / "missing.json"), *_common(tmp_path)])
+    assert "--merge: no results file" in capsys.readouterr().err
+
+
 def test_quick_deep_bench_skips_layers(bench, tmp_path):
     """`--quick --preset bench-deep` keeps the 4-layer decoder, so the STS recipe really skips (middle) layers."""
     report = bench.main(
@@ -122,10 +146,11 @@ def test_quick_deep_bench_skips_layers(bench, tmp_path):
 
 def test_every_recipe_is_a_valid_sparse_config(bench):
     """A typo in a recipe (an unknown field, a value out of range) fails here, not an hour into `make bench`."""
-    config = bench.DEMO_PRESETS["bench-deep"]
-    for name, spec in bench.RECIPES.items():
-        if spec is None:
-            continue
-        sparse = config.sparse_config(**spec)  # unknown fields and values out of range raise here
-        assert {k: sparse.recipe_dict()[k] for k in spec} == spec, name
-        sparse.check_decoder_depth(config.num_hidden_layers)
+    for preset in ("bench-deep", "bench-deep8"):
+        config = bench.DEMO_PRESETS[preset]
+        for name, spec in bench.RECIPES.items():
+            if spec is None:
+                continue
+            sparse = config.sparse_config(**spec)  # unknown fields and values out of range raise here
+            assert {k: sparse.recipe_dict()[k] for k in spec} == spec, name
+            sparse.check_decoder_depth(config.num_hidden_layers)
