@@ -200,9 +200,9 @@ MACHINE_KEYS = ("cpus", "threads", "device", "torch", "python")
 
 
 def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
-    """The runs of an earlier results file that `--resume` can keep: same configuration, same recipe (the resolved
-    `SparseMLLMConfig`, not only its name) and timed on the same kind of machine. Incompatible runs are dropped with a
-    message; a file made with another configuration raises `ValueError` rather than being overwritten."""
+    """The runs of an earlier results file that `--resume` or `--merge` can keep: same configuration, same recipe (the
+    resolved `SparseMLLMConfig`, not only its name) and timed on the same kind of machine. Incompatible runs are dropped
+    with a message; a file made with another configuration raises `ValueError` (so it is never overwritten)."""
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())

@@ -152,5 +152,5 @@ def test_every_recipe_is_a_valid_sparse_config(bench):
             if spec is None:
                 continue
             sparse = config.sparse_config(**spec)  # unknown fields and values out of range raise here
-            assert {k: sparse.recipe_dict()[k] for k in spec} == spec, name
+            assert {k: sparse.recipe_dict()[k] for k in spec} == spec, f"{preset}: {name}"
             sparse.check_decoder_depth(config.num_hidden_layers)
