@@ -51,7 +51,7 @@ DEEP_RECIPES ?= baseline,dualspeed-divprune-0.1,dualspeed-divprune-0.1-slow0.05,
 bench-accuracy-deep: install
 	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
 
-# The combined recipe on an 8-layer decoder, where the language model dominates the step (as in LLaVA-1.5).
+# The combined recipe on an 8-layer decoder, where the language model dominates the step.
 DEEP8_RECIPES ?= baseline,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-stochastic0.25-slow0.05,dualspeed-divprune-0.1-slow0.05
 bench-accuracy-deep8: install
 	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep8 --recipes $(DEEP8_RECIPES) $(BENCH_ACCURACY_ARGS)
