@@ -129,6 +129,15 @@ def test_merge_summarises_seeds_run_in_separate_processes(bench, tmp_path, capsy
     with pytest.raises(SystemExit):
         bench.main(["--merge", str(tmp_path / "missing.json"), *_common(tmp_path)])
     assert "--merge: no results file" in capsys.readouterr().err
+    # A merged file of another configuration is refused (without --resume's hint about replacing the output file).
+    with pytest.raises(SystemExit):
+        bench.main([*recipes, "--steps", "4", "--merge", files[0], *_common(tmp_path, "other")])
+    error = capsys.readouterr().err
+    assert "--merge:" in error and "differs in ['max_steps']" in error and "without --resume" not in error
+    # With --resume too: seed 0 from the output file, seed 1 from the merged one, nothing trained.
+    both = bench.main([*recipes, "--seeds", "0,1", "--resume", "--merge", files[1], *_common(tmp_path, "s0")])
+    assert "[bench-accuracy] seed" not in capsys.readouterr().out
+    assert [r["seed"] for r in both["runs"]["naive-divprune-0.25"]] == [0, 1]
 
 
 def test_quick_deep_bench_skips_layers(bench, tmp_path):
