@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import importlib
+import pkgutil
 import re
 
 import pytest
@@ -268,7 +270,18 @@ def test_presets_and_overrides():
         build_tiny_llava_and_processor("llava16", words=WORDS)
 
 
-@pytest.mark.parametrize("module", [tiny, collator_module], ids=lambda m: m.__name__)
+# Private modules (`_common`) hold helpers without examples.
+TINY_MODULES = [
+    tiny,
+    *(
+        importlib.import_module(f"hf_sparse_mllm.tiny.{m.name}")
+        for m in pkgutil.iter_modules(tiny.__path__)
+        if m.name[0] != "_"
+    ),
+]
+
+
+@pytest.mark.parametrize("module", [*TINY_MODULES, collator_module], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     class FencedParser(doctest.DocTestParser):
         """Ignore the ```python fences around HF-style examples."""

@@ -1,8 +1,10 @@
-"""Tiny, offline LLaVA models: a word-level tokenizer, a LLaVA processor and a randomly initialised model.
+"""Tiny LLaVA-1.5 (`llava`): CLIP-style vision tower, Llama decoder, one run of `<image>` tokens per image.
 
-Nothing here downloads anything: the tokenizer is built with the `tokenizers` library from a word list, the image
-processor is the PIL backend of CLIP's (no `torchvision`), and the model is built from configs. Used by the tests, the
-demo and the benchmarks.
+The image processor is [`~transformers.CLIPImageProcessorPil`] (CLIP's PIL backend; `CLIPImageProcessor` is the
+`torchvision` one in `transformers` 5). Every image is resized and center-cropped to one square, so the number of
+visual tokens is fixed: `(image_size // patch_size) ** 2` (16 with the `"test"` preset), one more with the `"full"`
+feature-selection strategy. `get_image_features(...).pooler_output` is a list with one `(tokens, hidden)` tensor per
+image; the processor returns `input_ids`, `attention_mask` and `pixel_values` `(images, 3, size, size)`.
 
 ```python
 >>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
@@ -14,12 +16,9 @@ demo and the benchmarks.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
-import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -27,117 +26,11 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 
-PAD_TOKEN = "<pad>"
-UNK_TOKEN = "<unk>"
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
-
-# Words the chat template writes itself; they must be in the vocabulary or they would encode as <unk>.
-TEMPLATE_WORDS = ("system", "user", "assistant")
-
-# `<s> user : <image> what color is the circle ? assistant : red </s>`. Content may be a string or a list of
-# `{"type": "image"}` / `{"type": "text", "text": ...}` blocks (TRL's conversational format). Every assistant turn
-# ends with `</s>` so the model learns to stop, and sits inside `{% generation %}` so that
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the answer and its `</s>`.
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- ' ' + message['role'] + ' :' }}"
-    "{%- if message['content'] is string %}{%- set blocks = [{'type': 'text', 'text': message['content']}] %}"
-    "{%- else %}{%- set blocks = message['content'] %}{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}{%- generation %}"
-    "{%- for block in blocks %}{%- if block['type'] == 'text' %}{{- ' ' + block['text'] }}{%- endif %}{%- endfor %}"
-    "{{- ' ' + eos_token }}"
-    "{%- endgeneration %}"
-    "{%- else %}"
-    "{%- for block in blocks %}"
-    "{%- if block['type'] == 'image' %}{{- ' <image>' }}"
-    "{%- elif block['type'] == 'text' %}{{- ' ' + block['text'] }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- ' assistant :' }}{%- endif %}"
-)
-
-
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Split on whitespace, then isolate every punctuation character: "red?" -> "red", "?".
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-
-
-def _split_words(words: Iterable[str]) -> list[str]:
-    normalizer, pre_tokenizer = normalizers.Lowercase(), _pre_tokenizer()
-    pieces = set()
-    for word in words:
-        pieces.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(word)))
-    return sorted(pieces)
-
-
-def build_word_tokenizer(
-    words: Iterable[str], *, extra_special_tokens: Iterable[str] = (), padding_side: str = "right"
-) -> PreTrainedTokenizerFast:
-    """
-    Build a lower-casing word-level tokenizer whose vocabulary is exactly the special tokens, the template words,
-    the ASCII punctuation and `words`.
-
-    Ids are deterministic for a given set of words: the special tokens come first (`<pad>`=0, `<unk>`=1, `<s>`=2,
-    `</s>`=3, `<image>`=4), then `extra_special_tokens`, then the template words, punctuation and `words` (sorted, so a
-    `set` gives the same ids in every process). Decoding joins words with spaces.
-
-    Args:
-        words (`Iterable[str]`):
-            Words of the vocabulary. They are lower-cased and split like text is (`"red?"` gives `"red"` and `"?"`);
-            duplicates are ignored. Unknown words encode as `<unk>`.
-        extra_special_tokens (`Iterable[str]`, *optional*, defaults to `()`):
-            More special tokens (never split, skipped by `decode(..., skip_special_tokens=True)`).
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side, saved with the tokenizer (setting the attribute later is not saved by `save_pretrained`).
-
-    Returns:
-        [`~transformers.PreTrainedTokenizerFast`]: the tokenizer, with `pad`/`unk`/`bos`/`eos` tokens, an
-        `image_token` attribute and the chat template set.
-
-    Example:
-
-    ```python
-    >>> from hf_sparse_mllm.tiny import build_word_tokenizer
-    >>> tokenizer = build_word_tokenizer(["what", "color", "red"])
-    >>> tokenizer.tokenize("What color? red")
-    ['what', 'color', '?', 'red']
-    >>> tokenizer.decode(tokenizer("what color ? red </s>", add_special_tokens=False)["input_ids"], skip_special_tokens=True)
-    'what color? red'
-    ```
-    """
-    extra = [t for t in dict.fromkeys(extra_special_tokens) if t not in SPECIAL_TOKENS]
-    specials = [*SPECIAL_TOKENS, *extra]
-    plain = [w for w in _split_words([*TEMPLATE_WORDS, *string.punctuation, *words]) if w not in specials]
-    vocab = {token: i for i, token in enumerate([*specials, *plain])}
-
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = _pre_tokenizer()
-    # WordPiece's decoder joins tokens with spaces (no "##" pieces exist in a word vocabulary) and tidies " ?" to "?".
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    backend.add_special_tokens(specials)
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        image_token=IMAGE_TOKEN,
-        extra_special_tokens=extra,
-        padding_side=padding_side,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+from ._common import init_tiny_model
+from .registry import register_tiny_family
+from .tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_word_tokenizer
 
 
 def build_tiny_processor(
@@ -295,15 +188,9 @@ def build_tiny_llava(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    config._attn_implementation = attn_implementation
-    # A private generator state keeps the weights a pure function of `seed` without disturbing the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
+    return init_tiny_model(
+        LlavaForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    )
 
 
 @dataclass(frozen=True)
@@ -383,6 +270,7 @@ TINY_LLAVA_PRESETS: dict[str, TinyLlavaPreset] = {
 }
 
 
+@register_tiny_family("llava")
 def build_tiny_llava_and_processor(
     preset: str | TinyLlavaPreset = "test",
     *,
@@ -443,14 +331,3 @@ def build_tiny_llava_and_processor(
     )
     model = build_tiny_llava(processor, seed=seed, attn_implementation=attn_implementation, **shape)
     return model, processor
-
-
-__all__ = [
-    "CHAT_TEMPLATE",
-    "TINY_LLAVA_PRESETS",
-    "TinyLlavaPreset",
-    "build_tiny_llava",
-    "build_tiny_llava_and_processor",
-    "build_tiny_processor",
-    "build_word_tokenizer",
-]

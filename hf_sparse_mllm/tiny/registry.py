@@ -1,0 +1,105 @@
+"""Registry of the tiny model families: one builder per `model_type`, each returning a matching model and processor."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from difflib import get_close_matches
+
+from transformers import PreTrainedModel, ProcessorMixin
+
+TinyBuilder = Callable[..., tuple[PreTrainedModel, ProcessorMixin]]
+
+_FAMILIES: dict[str, TinyBuilder] = {}
+
+
+def register_tiny_family(family: str) -> Callable[[TinyBuilder], TinyBuilder]:
+    """
+    Function decorator that registers a tiny builder under `family` (the model's `model_type`).
+
+    A builder takes keyword-only `words`, `seed` and `padding_side` (plus any shape arguments of its own) and returns
+    `(model, processor)`.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor, list_tiny_families, register_tiny_family
+    >>> @register_tiny_family("docs_llava")
+    ... def build_docs_llava(*, words, seed=0, padding_side="right"):
+    ...     return build_tiny_llava_and_processor("test", words=words, seed=seed, padding_side=padding_side)
+    >>> "docs_llava" in list_tiny_families()
+    True
+    ```
+    """
+
+    def decorator(builder: TinyBuilder) -> TinyBuilder:
+        if family in _FAMILIES:
+            raise ValueError(
+                f"Tiny family {family!r} is already registered by {_FAMILIES[family].__name__}; register "
+                f"{builder.__name__} under another name, e.g. @register_tiny_family({family + '_custom'!r})."
+            )
+        _FAMILIES[family] = builder
+        return builder
+
+    return decorator
+
+
+def list_tiny_families() -> list[str]:
+    """Sorted names of the registered tiny families (`model_type`s), e.g. `["gemma3", "idefics3", "llava", ...]`."""
+    return sorted(_FAMILIES)
+
+
+def _check_overrides(family: str, builder: TinyBuilder, overrides: Iterable[str]) -> None:
+    parameters = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # the builder checks its own keyword arguments
+    allowed = sorted(set(parameters) - {"words", "seed", "padding_side"})
+    unknown = [name for name in overrides if name not in parameters]
+    if unknown:
+        hints = [
+            f"{n!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(n, allowed, n=1)) else repr(n)
+            for n in unknown
+        ]
+        raise TypeError(f"Unknown overrides for tiny family {family!r}: {', '.join(hints)}; allowed: {allowed}.")
+
+
+def build_tiny_model_and_processor(
+    family: str, *, words: Iterable[str], seed: int = 0, padding_side: str = "right", **overrides
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """
+    Build a tiny randomly initialised `*ForConditionalGeneration` model of `family` and its processor, offline.
+
+    The model is in float32 and eval mode, uses SDPA attention, and its weights depend only on `seed`. The processor
+    has a word-level tokenizer over `words` plus the family's special tokens, the family's PIL image processor and a
+    chat template in TRL's conversational format whose assistant turns are marked for
+    `return_assistant_tokens_mask=True`. See each family's builder (e.g. [`build_tiny_qwen2_vl`]) for its geometry.
+
+    Args:
+        family (`str`):
+            A registered family (`model_type`), see [`list_tiny_families`].
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        **overrides:
+            Keyword arguments of the family's builder, e.g. `hidden_size=64` or `num_hidden_layers=1`.
+
+    Returns:
+        `tuple[PreTrainedModel, ProcessorMixin]`: the model and its processor.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_model_and_processor
+    >>> model, processor = build_tiny_model_and_processor("llava", words=["what", "color", "red"], hidden_size=32)
+    >>> model.config.model_type, model.config.text_config.hidden_size
+    ('llava', 32)
+    ```
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"Unknown tiny family {family!r}; choose one of {list_tiny_families()}.")
+    builder = _FAMILIES[family]
+    _check_overrides(family, builder, overrides)
+    return builder(words=words, seed=seed, padding_side=padding_side, **overrides)
