@@ -4,10 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU wheel on this kind of machine; GPU users override it, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,demo
+EXTRAS ?= dev
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep bench-accuracy-deep8 clean
+.PHONY: install install-bench test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep \
+	bench-accuracy-deep8 clean
 # Timings are only comparable one at a time: never run benchmark targets in parallel, even under `make -j`.
 .NOTPARALLEL:
 
@@ -20,10 +21,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $@
 
-test: install
+# The benchmark harness (benchmarks/, not part of the wheel) needs a few packages beyond the library's: plotting.
+install-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: $(VENV)/.installed benchmarks/requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
+	touch $@
+
+# The tests cover the harness too.
+test: install-bench
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install-bench
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
 quality: install
@@ -34,27 +43,27 @@ style: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-demo: install
-	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+demo: install-bench
+	$(BIN)/python -m benchmarks.demo $(DEMO_ARGS)
 
-# `bench` = the step-time benchmark, then the (long, see README) accuracy benchmarks.
+# `bench` = the step-time benchmark, then the (long, see benchmarks/README.md) accuracy benchmarks.
 bench: bench-steps bench-accuracy bench-accuracy-deep bench-accuracy-deep8
 
-bench-steps: install
-	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)
+bench-steps: install-bench
+	$(BIN)/python -m benchmarks.bench_steps $(BENCH_ARGS)
 
-bench-accuracy: install
-	$(BIN)/python scripts/bench_accuracy.py $(BENCH_ACCURACY_ARGS)
+bench-accuracy: install-bench
+	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ACCURACY_ARGS)
 
 # The combined recipe (compression + DualSpeed + layer skipping) on a 4-layer decoder, and DualSpeed alone.
 DEEP_RECIPES ?= baseline,dualspeed-divprune-0.1,dualspeed-divprune-0.1-slow0.05,sts-divprune-0.1-stochastic0.25-slow0.05,sts-divprune-0.1-stochastic0.5-slow0.05,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-skip0.25,sts-divprune-0.05-stochastic0.25-slow0.05
-bench-accuracy-deep: install
-	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
+bench-accuracy-deep: install-bench
+	$(BIN)/python -m benchmarks.bench_accuracy --preset bench-deep --recipes $(DEEP_RECIPES) $(BENCH_ACCURACY_ARGS)
 
 # The combined recipe on an 8-layer decoder, where the language model dominates the step.
 DEEP8_RECIPES ?= baseline,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-stochastic0.25-slow0.05,dualspeed-divprune-0.1-slow0.05
-bench-accuracy-deep8: install
-	$(BIN)/python scripts/bench_accuracy.py --preset bench-deep8 --recipes $(DEEP8_RECIPES) $(BENCH_ACCURACY_ARGS)
+bench-accuracy-deep8: install-bench
+	$(BIN)/python -m benchmarks.bench_accuracy --preset bench-deep8 --recipes $(DEEP8_RECIPES) $(BENCH_ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs build dist *.egg-info .pytest_cache .ruff_cache

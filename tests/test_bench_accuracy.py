@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("_bench_accuracy", ROOT / "scripts" / "bench_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import bench_accuracy
 
 
 @pytest.fixture
 def bench():
     threads = torch.get_num_threads()
-    yield _bench_module()
+    recipes = dict(bench_accuracy.RECIPES)
+    yield bench_accuracy
     torch.set_num_threads(threads)  # main() sets the benchmark's own thread count
+    bench_accuracy.RECIPES.clear()  # a test may redefine a recipe
+    bench_accuracy.RECIPES.update(recipes)
 
 
 def _common(tmp_path, output="bench"):
@@ -162,4 +157,4 @@ def test_every_recipe_is_a_valid_sparse_config(bench):
                 continue
             sparse = config.sparse_config(**spec)  # unknown fields and values out of range raise here
             assert {k: sparse.recipe_dict()[k] for k in spec} == spec, f"{preset}: {name}"
-            sparse.check_decoder_depth(config.num_hidden_layers)
+            sparse.check_decoder_depth(config.model.num_hidden_layers)

@@ -1,32 +1,23 @@
-"""`make demo` smoke path: the quick demo runs end to end, writes its report and a sparse model that reloads."""
+"""`make demo` smoke path: the quick demo runs end to end, writes its report and a sparse model that reloads, and
+scores with the evaluation package's `sparse_vqa` task."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from hf_sparse_mllm.demo import curve_steps, exact_match_accuracy, format_table
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import demo
+from benchmarks.harness import DEMO_PRESETS, accuracy_by_family, curve_steps, dataset_name, format_table
+from hf_sparse_mllm.evaluation import evaluate, get_task
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    demo = _load_script("demo")
     threads = torch.get_num_threads()
     try:
         report = demo.main(
@@ -79,9 +70,77 @@ def test_quick_demo_sparse_model_reloads(quick_demo, caplog):
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
+def test_quick_demo_accuracy_is_the_evaluation_packages(quick_demo):
+    """The demo's accuracy is `evaluate(model, processor, ["sparse_vqa" on the demo's test split])` of the saved
+    sparse model: the same numbers and the same answer to every question."""
+    out, report = quick_demo
+    model = AutoModelForImageTextToText.from_pretrained(out / "sparse_model")
+    processor = AutoProcessor.from_pretrained(out / "sparse_model")
+    data = out.parent / "data" / dataset_name(DEMO_PRESETS["quick"])
+    results = evaluate(model, processor, [get_task("sparse_vqa", dataset_path=data)], progress=False)
+    sparse = report["runs"]["sparse"]
+    assert accuracy_by_family(results) == sparse["accuracy_by_family"]
+    assert results["results"]["sparse_vqa"]["exact_match,none"] == sparse["accuracy"]
+    # An untrained smoke model answers nothing right, so compare the answers themselves too.
+    lines = (out / "sparse" / "eval" / "full" / "samples_sparse_vqa.jsonl").read_text().splitlines()
+    demo_answers = [json.loads(line)["filtered_resps"] for line in lines]
+    assert demo_answers == [s["filtered_resps"] for s in results["samples"]["sparse_vqa"]]
+    assert len(demo_answers) == DEMO_PRESETS["quick"].test_samples
+
+
+def test_harness_scoring_is_evaluate(quick_demo, tmp_path):
+    """The harness's scoring (final evaluation and curve points) is `evaluate` on `sparse_vqa`, answer for answer,
+    here on an untrained model, whose answers are varied words rather than the smoke run's empty ones."""
+    from benchmarks.harness import build_model, score_vqa, vqa_task
+    from hf_sparse_mllm.data.vqa import load_vqa_dataset
+
+    out, _ = quick_demo
+    config = DEMO_PRESETS["quick"]
+    model, processor = build_model(config)
+    data = out.parent / "data" / dataset_name(config)
+    test = load_vqa_dataset(str(data))["test"]
+    accuracy = score_vqa(model, processor, vqa_task(test), batch_size=config.eval_batch_size, output_dir=tmp_path)
+    results = evaluate(model, processor, [get_task("sparse_vqa", dataset_path=data)], progress=False)
+    assert accuracy == accuracy_by_family(results)
+    lines = (tmp_path / "samples_sparse_vqa.jsonl").read_text().splitlines()
+    answers = [json.loads(line)["filtered_resps"][0] for line in lines]
+    assert answers == [s["filtered_resps"][0] for s in results["samples"]["sparse_vqa"]]
+    assert len({a for a in answers if a}) > 3, answers
+    limited = evaluate(model, processor, [f"sparse_vqa={data}"], limit=config.curve_samples, progress=False)
+    curve_point = score_vqa(model, processor, vqa_task(test), limit=config.curve_samples, progress=False)
+    assert curve_point == accuracy_by_family(limited)
+
+
+@pytest.mark.parametrize("image_first", [False, True])
+def test_sparse_vqa_prompts_in_the_training_order(image_first):
+    """`sparse_vqa` puts the image where the sample's conversation has it, so it prompts a model as it was trained."""
+    from hf_sparse_mllm.data.vqa import build_vqa_dataset
+    from hf_sparse_mllm.evaluation.generation import messages_from_context, render_prompt
+    from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
+
+    _, processor = build_tiny_llava_and_processor("test", words=["what", "color"])
+    docs = build_vqa_dataset(num_train=0, num_test=4, image_size=32, cell_size=8, image_first=image_first)["test"]
+    task = get_task("sparse_vqa")
+    for doc in docs:
+        trained = render_prompt(processor, doc["messages"])
+        assert render_prompt(processor, messages_from_context(task.prompt(doc), 1)) == trained
+        assert (trained.index("<image>") < trained.index(doc["question"])) == image_first
+
+
+def _sparse_vqa_accuracy(predictions, samples):
+    """What the harness reports for `predictions`: the `sparse_vqa` task's per-sample scores and aggregation."""
+    task = get_task("sparse_vqa")
+    values = {}
+    for prediction, answer, family in zip(predictions, samples["answer"], samples["family"]):
+        doc = {"answer": answer, "family": family}
+        for metric, value in task.process_results(doc, task.postprocess(prediction)).items():
+            values.setdefault(metric, []).append(value)
+    return accuracy_by_family({"results": {"sparse_vqa": task.aggregate(values)}})
+
+
 def test_exact_match_and_table():
     samples = {"answer": ["red", "yes", "2"], "family": ["color", "exist", "count"]}
-    accuracy = exact_match_accuracy([" Red ", "no", "2"], samples)
+    accuracy = _sparse_vqa_accuracy([" Red ", "no", "2"], samples)
     assert accuracy == {"overall": pytest.approx(2 / 3), "color": 1.0, "exist": 0.0, "count": 1.0}
     run = {"train_seconds": 10.0, "accuracy": 2 / 3, "accuracy_by_family": accuracy}
     report = {"runs": {"baseline": run, "sparse": {**run, "train_seconds": 5.0}}, "blind_baseline": accuracy}
@@ -89,16 +148,17 @@ def test_exact_match_and_table():
     assert "| sparse | 5.0 | 2.00x | - | - | 66.7 |" in table
 
 
-def test_docstring_examples():
+@pytest.mark.parametrize("module", ["__init__", "presets", "data", "collator", "scoring", "runs"])
+def test_docstring_examples(module):
     import doctest
+    import importlib
 
-    import hf_sparse_mllm.demo
-
-    assert doctest.testmod(hf_sparse_mllm.demo).failed == 0
+    name = "benchmarks.harness" + ("" if module == "__init__" else f".{module}")
+    assert doctest.testmod(importlib.import_module(name)).failed == 0
 
 
 def test_time_to_accuracy():
-    from hf_sparse_mllm.demo import time_to_accuracy, time_to_accuracy_sentence
+    from benchmarks.harness import time_to_accuracy, time_to_accuracy_sentence
 
     def curve(*points):
         return [{"step": s, "train_seconds": t, "accuracy": {"overall": a}} for s, t, a in points]
@@ -128,21 +188,19 @@ def test_curve_steps():
 
 
 @pytest.mark.parametrize("image_size,image_first", [(64, False), (96, False), (64, True)])
-def test_fast_collator_matches_stock_collator(image_size, image_first):
-    from dataclasses import replace
-
+def test_batch_collator_matches_stock_collator(image_size, image_first):
+    from benchmarks.harness import VQABatchCollator, build_model
     from hf_sparse_mllm.data.collator import VisionLanguageCollator
     from hf_sparse_mllm.data.vqa import build_vqa_dataset
-    from hf_sparse_mllm.demo import DEMO_PRESETS, FastVisionLanguageCollator, build_model
 
-    config = replace(DEMO_PRESETS["quick"], image_size=image_size)
+    config = DEMO_PRESETS["quick"].with_model(image_size=image_size)
     _, processor = build_model(config)
     data = build_vqa_dataset(
         num_train=40, num_test=0, seed=3, image_size=image_size, cell_size=16, image_first=image_first
     )["train"]
     rows = [data[i] for i in range(len(data))]
     for start in (0, 16):
-        fast = FastVisionLanguageCollator(processor)(rows[start : start + 16])
+        fast = VQABatchCollator(processor)(rows[start : start + 16])
         stock = VisionLanguageCollator(processor)(rows[start : start + 16])
         assert fast.keys() == stock.keys()
         for key in stock:

@@ -630,6 +630,15 @@ def _scienceqa_img(**overrides) -> Task:
     )
 
 
+def _sparse_vqa_doc_to_text(doc: dict, kwargs: dict) -> str:
+    # The image goes where the sample's own user turn has it (an `<image>` marker, see `messages_from_context`), so a
+    # model is prompted as it was trained: hf_sparse_mllm.data.vqa asks the question before the image by default.
+    text = _question_with_prompts(doc, kwargs)
+    content = (doc.get("messages") or [{}])[0].get("content")
+    types = [item["type"] for item in content] if isinstance(content, list) else []
+    return text + "<image>" if types[:1] == ["text"] and types[-1:] == ["image"] else text
+
+
 def _sparse_vqa_process_results(doc: dict, pred: str) -> dict:
     score = metrics.exact_match(pred, doc["answer"])
     out = {"exact_match": score}
@@ -652,13 +661,14 @@ def sparse_vqa_test_docs(image_size: int = 192, cell_size: int = 16, num_test: i
 def _sparse_vqa(**overrides) -> Task:
     from ..data.vqa import FAMILIES
 
-    # The prompt is the bare question, as in the training conversations of hf_sparse_mllm.data.vqa.
+    # The prompt is the bare question and the image, in the order of the training conversations of
+    # hf_sparse_mllm.data.vqa.
     return Task(
         name="sparse_vqa",
         required_columns=("images", "question", "answer", "family"),
         layout="sparse_vqa layout (hf_sparse_mllm.data.vqa): images (a list), question, answer, family",
         doc_to_visual=lambda doc: list(doc["images"] or []),
-        doc_to_text=_question_with_prompts,
+        doc_to_text=_sparse_vqa_doc_to_text,
         doc_to_target=lambda doc: doc["answer"],
         process_results=_sparse_vqa_process_results,
         aggregation={"exact_match": mean, **{f"exact_match_{family}": mean for family in FAMILIES}},

@@ -1,29 +1,25 @@
 """`make demo`: train a tiny LLaVA with the stock `Trainer` and with `SparseMLLMTrainer`, compare speed and accuracy.
 
-    python scripts/demo.py                        # the full demo (about 10 minutes on an idle 2-core CPU)
-    python scripts/demo.py --quick                # a smoke run (well under a minute)
-    python scripts/demo.py --preset bench         # the accuracy benchmark's larger model (144 visual tokens)
-    python scripts/demo.py --steps 3000 --train-samples 40000 --output outputs/demo-long
-    python scripts/demo.py --keep-ratio 0.1 --compressor divprune --slow-mode-prob 0.1
+    python -m benchmarks.demo                     # the full demo (about 10 minutes on an idle 2-core CPU)
+    python -m benchmarks.demo --quick             # a smoke run (well under a minute)
+    python -m benchmarks.demo --preset bench      # the accuracy benchmark's larger model (144 visual tokens)
+    python -m benchmarks.demo --steps 3000 --train-samples 40000 --output outputs/demo-long
+    python -m benchmarks.demo --keep-ratio 0.1 --compressor divprune --slow-mode-prob 0.1
 
-Both runs use the same generated data (cached under `outputs/data/`), the same seed, the same number of steps, and
-are evaluated with all visual tokens on the same test set. The report folder (default `outputs/demo/`) gets
-`report.md`, `report.json`, `loss.png`, `accuracy_vs_time.png` and the sparse-trained model in `sparse_model/`.
+Run from the repository root. Both runs use the same generated data (cached under `outputs/data/`), the same seed,
+the same number of steps, and are evaluated with all visual tokens on the same test set by the evaluation package's
+`sparse_vqa` task (`hf_sparse_mllm.evaluation.evaluate`). The report folder (default `outputs/demo/`) gets
+`report.md`, `report.json`, `loss.png`, `accuracy_vs_time.png`, each run's lmms-eval results files in
+`<run>/eval/full/` and the sparse-trained model in `sparse_model/`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hf_sparse_mllm.demo import DEMO_PRESETS, format_table, run_demo, time_to_accuracy_sentence  # noqa: E402
+from benchmarks.harness import DEMO_PRESETS, format_table, run_demo, time_to_accuracy_sentence
 
 
 def parse_args(argv=None):
@@ -50,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--compressor", help="sparse run's token compressor (default divprune)")
     parser.add_argument("--keep-ratio", type=float, help="sparse run's keep ratio")
     parser.add_argument("--slow-mode-prob", type=float, help="sparse run's slow-step probability")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="no loss and accuracy plots (they need matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

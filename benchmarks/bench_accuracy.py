@@ -1,12 +1,12 @@
 """Accuracy benchmark: sparse-training recipes vs the stock `Trainer` on the generated VQA data.
 
-    python scripts/bench_accuracy.py                                   # default recipes, 1 seed -> benchmarks/accuracy.*
-    python scripts/bench_accuracy.py --seeds 0,1,2 --steps 1500
-    python scripts/bench_accuracy.py --recipes baseline,dualspeed-divprune-0.25,naive-divprune-0.25 --quick
-    python scripts/bench_accuracy.py --seeds 0,1 --resume              # add seed 1, keep the finished seed-0 runs
-    python scripts/bench_accuracy.py --seeds 0 --output outputs/s0 &  # one seed per core...
-    python scripts/bench_accuracy.py --seeds 1 --output outputs/s1; wait
-    python scripts/bench_accuracy.py --seeds 0,1 --merge outputs/s{0,1}/accuracy.json  # ...then one summary
+    python -m benchmarks.bench_accuracy                 # default recipes, 1 seed -> benchmarks/results/accuracy.*
+    python -m benchmarks.bench_accuracy --seeds 0,1,2 --steps 1500
+    python -m benchmarks.bench_accuracy --recipes baseline,dualspeed-divprune-0.25,naive-divprune-0.25 --quick
+    python -m benchmarks.bench_accuracy --seeds 0,1 --resume              # add seed 1, keep the finished seed-0 runs
+    python -m benchmarks.bench_accuracy --seeds 0 --output outputs/s0 &  # one seed per core...
+    python -m benchmarks.bench_accuracy --seeds 1 --output outputs/s1; wait
+    python -m benchmarks.bench_accuracy --seeds 0,1 --merge outputs/s{0,1}/accuracy.json  # ...then one summary
 
 Every recipe trains the same tiny LLaVA (the `--preset`'s data, model and steps; by default `bench`: the demo's model
 at 144 visual tokens, 3,000 steps; one run per seed), then evaluates it
@@ -27,19 +27,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hf_sparse_mllm.data.vqa import FAMILIES, blind_baseline  # noqa: E402
-from hf_sparse_mllm.demo import DEMO_PRESETS, machine_info, prepare_data, train_and_evaluate  # noqa: E402
+from benchmarks.harness import DEMO_PRESETS, DemoConfig, machine_info, prepare_data, train_and_evaluate
+from hf_sparse_mllm.data.vqa import FAMILIES, blind_baseline
 
 
 def recipe(compressor, keep_ratio, slow_mode_prob=0.1, num_isolator_tokens=4, **layer_skipping):
@@ -208,7 +203,13 @@ def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
     previous = json.loads(path.read_text())
     # The accuracy-curve and evaluation batch settings do not change what is trained or measured.
     ignored = {"curve_points", "curve_samples", "eval_batch_size"}
-    old, new = previous.get("config") or {}, json.loads(json.dumps(asdict(config)))
+    saved_config = previous.get("config") or {}
+    try:
+        # Keys the file does not record have their default values (`DemoConfig.from_dict`).
+        old = json.loads(json.dumps(DemoConfig.from_dict(saved_config).to_dict()))
+    except ValueError:  # keys this version does not know
+        old = saved_config
+    new = json.loads(json.dumps(config.to_dict()))
     differs = sorted(k for k in old.keys() | new.keys() if k not in ignored and old.get(k) != new.get(k))
     if differs:
         raise ValueError(f"{path} was made with another configuration (differs in {differs})")
@@ -273,7 +274,9 @@ def main(argv=None) -> dict:
         "processes): their finished runs are kept as --resume keeps those of --output",
     )
     parser.add_argument("--data-dir", default="outputs/data")
-    parser.add_argument("--output", default="benchmarks", help="where the results files (accuracy*.{json,md}) go")
+    parser.add_argument(
+        "--output", default="benchmarks/results", help="where the results files (accuracy*.{json,md}) go"
+    )
     parser.add_argument("--runs-dir", help="trainer output folders (default outputs/bench-accuracy/<preset>[-quick])")
     args = parser.parse_args(argv)
 
@@ -291,7 +294,7 @@ def main(argv=None) -> dict:
         parser.error("--seeds is empty")
     config = DEMO_PRESETS[args.preset]
     if args.quick:  # the smoke sizes, with the preset's decoder depth (so `bench-deep` still has layers to skip)
-        config = replace(DEMO_PRESETS["quick"], num_hidden_layers=config.num_hidden_layers)
+        config = DEMO_PRESETS["quick"].with_model(num_hidden_layers=config.model.num_hidden_layers)
     overrides = {"max_steps": args.steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
     overrides["threads"] = args.threads
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -343,7 +346,7 @@ def main(argv=None) -> dict:
             flush=True,
         )
     report = {
-        "config": asdict(config),
+        "config": config.to_dict(),
         "num_visual_tokens": config.num_visual_tokens,
         "seeds": seeds,
         "recipes": {name: RECIPES[name] for name in names},
