@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
+import inspect
 import pkgutil
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from transformers import (
     CLIPImageProcessorPil,
     LlavaForConditionalGeneration,
 )
+from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from hf_sparse_mllm import tiny
 from hf_sparse_mllm.data import collator as collator_module
@@ -25,8 +30,10 @@ from hf_sparse_mllm.tiny import (
     TINY_LLAVA_PRESETS,
     build_tiny_llava,
     build_tiny_llava_and_processor,
+    build_tiny_model_and_processor,
     build_tiny_processor,
     build_word_tokenizer,
+    list_tiny_families,
 )
 
 QUESTION = "what color is the object ?"
@@ -294,3 +301,206 @@ def test_docstring_examples(module):
         runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.attempted > 0 and results.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every registered family: processor, forward/backward, placeholder counts, save/reload, assistant-only labels.
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """What a family's tiny geometry gives: visual tokens for two image sizes and the processor's extra outputs."""
+
+    sizes: tuple[tuple[int, int], tuple[int, int]]  # (width, height) of two images
+    counts: tuple[int, int]  # visual tokens (placeholders in `input_ids`) of each
+    extra_inputs: frozenset[str] = frozenset()  # processor outputs beyond input_ids, attention_mask, pixel_values
+    multi_image: bool = True  # whether a sample may hold several images
+    text_only: bool = True  # whether a batch may hold text-only samples
+
+
+FAMILIES = {
+    "llava": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16)),
+    "llava_next": FamilyCase(sizes=((40, 30), (30, 60)), counts=(44, 56), extra_inputs=frozenset({"image_sizes"})),
+    "llava_onevision": FamilyCase(
+        sizes=((40, 30), (30, 60)), counts=(44, 56), extra_inputs=frozenset({"image_sizes", "batch_num_images"})
+    ),
+}
+
+
+def test_every_family_is_registered_and_tested():
+    assert set(FAMILIES) <= set(list_tiny_families())
+    with pytest.raises(ValueError, match="Unknown tiny family 'qwen9'; choose one of"):
+        build_tiny_model_and_processor("qwen9", words=WORDS)
+    with pytest.raises(TypeError, match=r"'hidden_sise' \(did you mean 'hidden_size'\?\)"):
+        build_tiny_model_and_processor("llava_next", words=WORDS, hidden_sise=8)
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _family(name: str):
+    """One model and processor per family for the whole module (building takes a fraction of a second each)."""
+    if name not in _BUILT:
+        _BUILT[name] = build_tiny_model_and_processor(name, words=WORDS)
+    model, processor = _BUILT[name]
+    processor.tokenizer.padding_side = "right"
+    return model, processor
+
+
+def _family_samples(case: FamilyCase) -> list[dict]:
+    """One image, two images (where supported) and text only (where supported), with answers of different lengths."""
+    first, second = (
+        Image.new("RGB", size, colour) for size, colour in zip(case.sizes, [(200, 30, 30), (30, 30, 200)])
+    )
+    samples = [
+        {
+            "images": [first],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+        }
+    ]
+    if case.multi_image:
+        two = [
+            {"type": "image"},
+            {"type": "text", "text": "is the object"},
+            {"type": "image"},
+            {"type": "text", "text": "red ?"},
+        ]
+        samples.append(
+            {
+                "images": [first, second],
+                "messages": [{"role": "user", "content": two}, {"role": "assistant", "content": "a red object"}],
+            }
+        )
+    if case.text_only:
+        samples.append(
+            {
+                "images": [],
+                "messages": [
+                    {"role": "user", "content": "is the object blue ?"},
+                    {"role": "assistant", "content": "no"},
+                ],
+            }
+        )
+    return samples
+
+
+ANSWERS = [["red", "</s>"], ["a", "red", "object", "</s>"], ["no", "</s>"]]
+
+
+def _process(processor, samples: list[dict]):
+    texts = [processor.apply_chat_template(s["messages"]) for s in samples]
+    images = [s["images"] for s in samples]
+    images = None if not any(images) else images
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+def _feature_rows(pooler_output) -> int:
+    """Visual tokens in `get_image_features(...).pooler_output`: a tensor, or (nested) lists/tuples of tensors."""
+    if isinstance(pooler_output, torch.Tensor):
+        return pooler_output.shape[:-1].numel()
+    return sum(_feature_rows(part) for part in pooler_output)
+
+
+def _image_features(model, batch):
+    get_image_features = model.model.get_image_features
+    accepted = inspect.signature(get_image_features).parameters
+    with torch.no_grad():
+        return get_image_features(**{k: v for k, v in batch.items() if k in accepted and k != "input_ids"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_processor_renders_conversations(family):
+    case = FAMILIES[family]
+    model, processor = _family(family)
+    samples = _family_samples(case)
+    batch = _process(processor, samples)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", *case.extra_inputs}
+    assert all(isinstance(v, torch.Tensor) for v in batch.values())
+    image_tokens = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    expected = [case.counts[0], *([sum(case.counts)] if case.multi_image else []), *([0] if case.text_only else [])]
+    # LLaVA-OneVision gives no anyres grid to the images of a multi-image sample.
+    if family == "llava_onevision":
+        expected[1] = 2 * (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 2
+    assert image_tokens == expected
+    assert processor.tokenizer.unk_token_id not in batch["input_ids"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_forward_backward_with_trl_collator(family):
+    model, processor = _family(family)
+    samples = _family_samples(FAMILIES[family])
+    batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)(copy.deepcopy(samples))
+    for row, answer in enumerate(
+        ANSWERS[: len(samples)] if FAMILIES[family].multi_image else [ANSWERS[0], ANSWERS[2]]
+    ):
+        assert _answer_tokens(processor.tokenizer, batch["labels"][row]) == answer
+    model.zero_grad()
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+    projector_grads = [
+        p.grad
+        for n, p in model.named_parameters()
+        if "vision" not in n and "language_model" not in n and "lm_head" not in n
+    ]
+    assert any(g is not None and g.abs().sum() > 0 for g in projector_grads)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_placeholders_match_image_features(family):
+    case = FAMILIES[family]
+    model, processor = _family(family)
+    counts = []
+    for size in case.sizes:
+        sample = {
+            "images": [Image.new("RGB", size, (30, 200, 30))],
+            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        }
+        batch = _process(processor, [sample])
+        placeholders = (batch["input_ids"] == model.config.image_token_id).sum().item()
+        assert placeholders == _feature_rows(_image_features(model, batch).pooler_output)
+        counts.append(placeholders)
+    assert tuple(counts) == case.counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_save_and_reload(family, tmp_path):
+    model, processor = _family(family)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded_model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded_model) is type(model) and type(reloaded_processor) is type(processor)
+    assert type(reloaded_processor.image_processor) is type(processor.image_processor)
+    assert reloaded_processor.to_dict() == processor.to_dict()
+    samples = _family_samples(FAMILIES[family])
+    expected, actual = _process(processor, samples), _process(reloaded_processor, samples)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_model(**actual).logits, model(**expected).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_assistant_tokens_mask(family):
+    _, processor = _family(family)
+    samples = _family_samples(FAMILIES[family])
+    conversations = [prepare_multimodal_messages(s["messages"], images=s["images"]) for s in samples]
+    out = processor.apply_chat_template(
+        conversations,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"padding": True},
+    )
+    masks = torch.as_tensor(out["assistant_masks"])
+    answers = ANSWERS if FAMILIES[family].multi_image else [ANSWERS[0], ANSWERS[2]]
+    for row, answer in enumerate(answers[: len(samples)]):
+        ids = torch.as_tensor(out["input_ids"][row])[masks[row].bool()]
+        assert processor.tokenizer.convert_ids_to_tokens(ids.tolist()) == answer

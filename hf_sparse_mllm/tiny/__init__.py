@@ -24,15 +24,19 @@ from .llava import (
     build_tiny_llava_and_processor,
     build_tiny_processor,
 )
+from .llava_next import ImageOnlyLlavaOnevisionProcessor, build_tiny_llava_next, build_tiny_llava_onevision
 from .registry import build_tiny_model_and_processor, list_tiny_families, register_tiny_family
 from .tokenizer import CHAT_TEMPLATE, build_word_tokenizer, make_chat_template
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "ImageOnlyLlavaOnevisionProcessor",
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
     "build_tiny_llava",
     "build_tiny_llava_and_processor",
+    "build_tiny_llava_next",
+    "build_tiny_llava_onevision",
     "build_tiny_model_and_processor",
     "build_tiny_processor",
     "build_word_tokenizer",

@@ -1,9 +1,34 @@
-"""Helpers shared by the tiny family builders: seeded initialisation and processors without a video processor."""
+"""Helpers shared by the tiny family builders: seeded initialisation, text config fields, processor registration."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoProcessor, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def text_config_kwargs(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+) -> dict[str, Any]:
+    """The fields every tiny decoder config shares: widths, vocabulary size and special token ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
 
 
 def init_tiny_model(
@@ -30,35 +55,20 @@ def init_tiny_model(
     return model.float().eval()
 
 
-class ImageOnlyProcessorMixin:
-    """
-    Drops the video processor from a processor class that has one (Qwen2-VL, LLaVA-OneVision, SmolVLM, InternVL...).
-
-    In `transformers` 5 every video processor is torchvision-backed, and a processor whose `__init__` names a
-    `video_processor` can neither be built (its argument check looks the video base class up, which fails without
-    torchvision) nor loaded by `AutoProcessor` (which loads every sub-processor of the signature). `ProcessorMixin`
-    reads the sub-processors from the `__init__` signature, so a subclass whose `__init__` has only `image_processor`
-    and `tokenizer` is a complete image-and-text processor: it saves, reloads and processes images exactly like the
-    parent class. Its calls with `videos=` are not supported.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kwargs,
-        )
-
-
 def register_processor(processor_class: type) -> type:
     """
     Class decorator that makes `AutoProcessor.from_pretrained` find `processor_class` by the name saved in
-    `processor_config.json` (in any process that imported `hf_sparse_mllm.tiny`).
+    `processor_config.json`, in any process that imported `hf_sparse_mllm.tiny`.
 
-    It is registered under a string key rather than the model's config class, so `AutoProcessor` still maps real
-    checkpoints of that model type to the stock processor.
+    Used for the image-only subclasses of processors that hold a video processor (Qwen2-VL, LLaVA-OneVision,
+    SmolVLM, InternVL...). In `transformers` 5 every video processor is torchvision-backed, and a processor whose
+    `__init__` names a `video_processor` can neither be built without torchvision (its argument check looks the
+    video base class up and fails) nor loaded by `AutoProcessor` (which loads every sub-processor its `__init__`
+    names). `ProcessorMixin` reads the sub-processors, and the settings it saves and reloads, from the `__init__`
+    signature, so a subclass whose `__init__` repeats the parent's without `video_processor` is a complete image and
+    text processor: it saves, reloads and processes images exactly like its parent (calls with `videos=` are not
+    supported). It is registered under a string key rather than the model's config class, so `AutoProcessor` still
+    maps real checkpoints of that model type to the stock processor.
     """
     AutoProcessor.register(f"hf_sparse_mllm.tiny.{processor_class.__name__}", processor_class, exist_ok=True)
     return processor_class

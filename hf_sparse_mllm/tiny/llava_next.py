@@ -1,0 +1,323 @@
+"""Tiny LLaVA-NeXT (`llava_next`) and LLaVA-OneVision (`llava_onevision`): anyres tiling, variable tokens per image.
+
+Geometry (defaults): 32 px tiles, 8 px patches (16 features per tile), `image_grid_pinpoints` `[[32, 64], [64, 32]]`,
+so every image becomes a 32 x 32 base tile plus a 2-tile grid (`pixel_values` `(images, 3, 3, 32, 32)`). The visual
+tokens of one image are one run of `<image>` (no start/end tokens): the 16 base-tile features, then the anyres grid
+cropped to the image's aspect ratio ("unpadded") with one learned `image_newline` row after every grid row. The count
+depends on `image_sizes`: 44 tokens for a 40 x 30 (width x height) image, 56 for 30 x 60, 36 for 64 x 64, 34 for
+100 x 20 (LLaVA-NeXT and OneVision alike, the CLS feature being dropped by NeXT's `"default"` strategy and absent
+from OneVision's SigLIP tower).
+
+- LLaVA-NeXT: CLIP tower, Llama decoder, [`~transformers.LlavaNextImageProcessorPil`]. The processor returns
+  `pixel_values` and `image_sizes` `(images, 2)` (height, width).
+- LLaVA-OneVision: SigLIP tower, Qwen2 decoder, [`~transformers.LlavaOnevisionImageProcessorPil`], and
+  [`ImageOnlyLlavaOnevisionProcessor`] (the stock processor without its torchvision-only video processor, see
+  `register_processor` in `_common.py`). It also returns `batch_num_images` `(samples,)`; a sample with several
+  images gets no anyres grid: each of its images is its base tile plus one newline feature (17 tokens).
+
+`get_image_features(...).pooler_output` is a list with one `(tokens, hidden)` tensor per image, computed per tile by
+the projector, then unpadded and given its newline rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from ._common import init_tiny_model, register_processor, text_config_kwargs
+from .registry import register_tiny_family
+from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
+
+VIDEO_TOKEN = "<video>"
+DEFAULT_PINPOINTS = ((32, 64), (64, 32))
+
+
+def _check_geometry(
+    image_size: int, patch_size: int, image_grid_pinpoints: Sequence[Sequence[int]]
+) -> list[list[int]]:
+    if image_size % patch_size:
+        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
+    pinpoints = [[int(h), int(w)] for h, w in image_grid_pinpoints]
+    bad = [p for p in pinpoints if p[0] % image_size or p[1] % image_size]
+    if bad:
+        raise ValueError(f"image_grid_pinpoints must be multiples of image_size={image_size}, got {bad}")
+    return pinpoints
+
+
+@register_tiny_family("llava_next")
+def build_tiny_llava_next(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    image_size: int = 32,
+    patch_size: int = 8,
+    image_grid_pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """
+    Build a tiny LLaVA-NeXT (CLIP tower, Llama decoder, anyres tiling) and its processor, offline.
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of a tile (the vision tower's input).
+        patch_size (`int`, *optional*, defaults to `8`):
+            Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
+        image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
+            Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 2x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation (`"sdpa"` or `"eager"`).
+
+    Returns:
+        `tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]`: the model (float32, eval mode) and processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_next
+    >>> model, processor = build_tiny_llava_next(words=["what", "color", "red"])
+    >>> inputs = processor(text=["<image> what color ?"], images=[Image.new("RGB", (40, 30))], return_tensors="pt")
+    >>> inputs["pixel_values"].shape, inputs["image_sizes"].tolist()
+    (torch.Size([1, 3, 3, 32, 32]), [[30, 40]])
+    >>> (inputs["input_ids"] == processor.image_token_id).sum().item()
+    44
+    ```
+    """
+    pinpoints = _check_geometry(image_size, patch_size, image_grid_pinpoints)
+    tokenizer = build_word_tokenizer(words, padding_side=padding_side)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=make_chat_template(IMAGE_TOKEN),
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by the "default" strategy
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=num_attention_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+    text_config = LlamaConfig(
+        **text_config_kwargs(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        )
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = init_tiny_model(
+        LlavaNextForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    )
+    return model, processor
+
+
+@register_processor
+class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+    """
+    [`~transformers.LlavaOnevisionProcessor`] without its video processor, so it builds and reloads without
+    `torchvision` (see `register_processor`). Images and text are processed exactly as by the parent class.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import ImageOnlyLlavaOnevisionProcessor, build_tiny_llava_onevision
+    >>> _, processor = build_tiny_llava_onevision(words=["red"])
+    >>> isinstance(processor, ImageOnlyLlavaOnevisionProcessor), processor.get_attributes()
+    (True, ['image_processor', 'tokenizer'])
+    ```
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token=IMAGE_TOKEN,
+        video_token=VIDEO_TOKEN,
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
+
+
+@register_tiny_family("llava_onevision")
+def build_tiny_llava_onevision(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    image_size: int = 32,
+    patch_size: int = 8,
+    image_grid_pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor]:
+    """
+    Build a tiny LLaVA-OneVision (SigLIP tower, Qwen2 decoder, anyres tiling) and its image-only processor, offline.
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of a tile (the vision tower's input).
+        patch_size (`int`, *optional*, defaults to `8`):
+            Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
+        image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
+            Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 2x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation (`"sdpa"` or `"eager"`).
+
+    Returns:
+        `tuple[LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor]`: the model (float32, eval
+        mode) and processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_onevision
+    >>> model, processor = build_tiny_llava_onevision(words=["what", "color", "red"])
+    >>> inputs = processor(text=["<image> what color ?"], images=[Image.new("RGB", (30, 60))], return_tensors="pt")
+    >>> inputs["pixel_values"].shape, inputs["batch_num_images"].tolist()
+    (torch.Size([1, 3, 3, 32, 32]), [1])
+    >>> (inputs["input_ids"] == processor.image_token_id).sum().item()
+    56
+    ```
+    """
+    pinpoints = _check_geometry(image_size, patch_size, image_grid_pinpoints)
+    tokenizer = build_word_tokenizer(
+        words, named_special_tokens={"video_token": VIDEO_TOKEN}, padding_side=padding_side
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
+    )
+    processor = ImageOnlyLlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",  # SigLIP has no CLS feature to drop
+        chat_template=make_chat_template(IMAGE_TOKEN),
+    )
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=num_attention_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text_config = Qwen2Config(
+        **text_config_kwargs(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        )
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    model = init_tiny_model(
+        LlavaOnevisionForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    )
+    return model, processor
