@@ -324,6 +324,14 @@ FAMILIES = {
     "llava_onevision": FamilyCase(
         sizes=((40, 30), (30, 60)), counts=(44, 56), extra_inputs=frozenset({"image_sizes", "batch_num_images"})
     ),
+    **{
+        family: FamilyCase(
+            sizes=((64, 48), (48, 96)),
+            counts=(12, 18),
+            extra_inputs=frozenset({"image_grid_thw", "mm_token_type_ids"}),
+        )
+        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    },
 }
 
 

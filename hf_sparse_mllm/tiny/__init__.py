@@ -25,12 +25,23 @@ from .llava import (
     build_tiny_processor,
 )
 from .llava_next import ImageOnlyLlavaOnevisionProcessor, build_tiny_llava_next, build_tiny_llava_onevision
+from .qwen import (
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    ImageOnlyQwen3VLProcessor,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+    build_tiny_qwen3_vl,
+)
 from .registry import build_tiny_model_and_processor, list_tiny_families, register_tiny_family
 from .tokenizer import CHAT_TEMPLATE, build_word_tokenizer, make_chat_template
 
 __all__ = [
     "CHAT_TEMPLATE",
     "ImageOnlyLlavaOnevisionProcessor",
+    "ImageOnlyQwen2VLProcessor",
+    "ImageOnlyQwen2_5_VLProcessor",
+    "ImageOnlyQwen3VLProcessor",
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
     "build_tiny_llava",
@@ -39,6 +50,9 @@ __all__ = [
     "build_tiny_llava_onevision",
     "build_tiny_model_and_processor",
     "build_tiny_processor",
+    "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl",
     "build_word_tokenizer",
     "list_tiny_families",
     "make_chat_template",

@@ -1,0 +1,337 @@
+"""Tiny Qwen2-VL (`qwen2_vl`), Qwen2.5-VL (`qwen2_5_vl`) and Qwen3-VL (`qwen3_vl`): dynamic resolution, M-RoPE.
+
+Geometry (defaults, all three): 8 px patches merged 2 x 2, so one visual token per 16 x 16 pixels. The image
+processor ([`~transformers.Qwen2VLImageProcessorPil`], shared by the three families) resizes every image to
+multiples of 16 px with between 32 x 32 and 96 x 96 pixels (`min_pixels=1024`, `max_pixels=9216`): 4 to 36
+visual tokens, `t * h * w / 4` from `image_grid_thw` `(images, 3)`, e.g. 12 tokens for a 64 x 48 (width x height)
+image (grid `[1, 6, 8]`) and 18 for 48 x 96 (grid `[1, 12, 6]`). `pixel_values` is 2-D: `(patches, 3 * 2 * 8 * 8)`
+for all images of the batch together.
+
+Each image is `<|vision_start|> <|image_pad|> x N <|vision_end|>` in `input_ids` (the chat template writes one
+`<|image_pad|>` between the start and end tokens; the processor repeats it). The processors return
+`image_grid_thw` and `mm_token_type_ids` (1 at image tokens), which the models need for their 3-D M-RoPE positions.
+`get_image_features(...).pooler_output` is a tuple with one `(tokens, hidden)` tensor per image.
+
+- Qwen2.5-VL's vision tower uses window attention (`window_size=32` px: 2 x 2 merged tokens per window, full
+  attention in its last block), so its merger output is in window order before `get_image_features` restores
+  raster order.
+- Qwen3-VL's tower has learned position embeddings (an 8 x 8 grid, interpolated) and one deepstack level (after
+  vision block 0): `get_image_features` also returns `deepstack_features`, a list over levels of tuples per image.
+
+The processors are image-only subclasses of the stock ones ([`ImageOnlyQwen2VLProcessor`], ...), since the stock
+ones hold a torchvision-only video processor (see `register_processor` in `_common.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+
+from ._common import init_tiny_model, register_processor, text_config_kwargs
+from .registry import register_tiny_family
+from .tokenizer import build_word_tokenizer, make_chat_template
+
+QWEN_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@register_processor
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """[`~transformers.Qwen2VLProcessor`] without its video processor, so it builds and reloads without `torchvision`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+
+@register_processor
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """[`~transformers.Qwen2_5_VLProcessor`] without its video processor, so it builds and reloads without
+    `torchvision`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+
+@register_processor
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """[`~transformers.Qwen3VLProcessor`] without its video processor, so it builds and reloads without `torchvision`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+
+_PROCESSORS = {
+    "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+    "qwen3_vl": ImageOnlyQwen3VLProcessor,
+}
+_MODELS = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+}
+
+
+def _vision_config(
+    family: str, *, hidden_size: int, vision_hidden_size: int, vision_layers: int, heads: int, patch_size: int
+) -> dict:
+    shared = dict(
+        depth=vision_layers, num_heads=heads, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2
+    )
+    if family == "qwen2_vl":
+        # `hidden_size` is the merger's output width (the decoder's), `embed_dim` the tower's own width.
+        return dict(shared, embed_dim=vision_hidden_size, hidden_size=hidden_size, mlp_ratio=2)
+    shared.update(
+        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size
+    )
+    if family == "qwen2_5_vl":
+        # Windows of 2 x 2 merged tokens, so window reordering really happens; the last block attends globally.
+        return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[vision_layers - 1])
+    return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
+
+
+def _build(
+    family: str,
+    *,
+    words: Iterable[str],
+    seed: int,
+    padding_side: str,
+    patch_size: int,
+    min_pixels: int,
+    max_pixels: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    vision_hidden_size: int,
+    vision_layers: int,
+    attn_implementation: str,
+):
+    head_dim = hidden_size // num_attention_heads
+    if head_dim % 8:
+        raise ValueError(
+            f"hidden_size // num_attention_heads must be a multiple of 8 for the M-RoPE sections, got "
+            f"hidden_size={hidden_size}, num_attention_heads={num_attention_heads}"
+        )
+    tokenizer = build_word_tokenizer(
+        words,
+        named_special_tokens=QWEN_TOKENS,
+        chat_template=make_chat_template(IMAGE_PLACEHOLDER),
+        padding_side=padding_side,
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+    processor = _PROCESSORS[family](
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=make_chat_template(IMAGE_PLACEHOLDER)
+    )
+    # M-RoPE splits the head's rotary frequencies (head_dim / 2) into temporal, height and width sections.
+    quarter = head_dim // 8
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
+    text_config = dict(
+        text_config_kwargs(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        ),
+        head_dim=head_dim,
+        rope_parameters=rope_parameters,
+    )
+    vision_config = _vision_config(
+        family,
+        hidden_size=hidden_size,
+        vision_hidden_size=vision_hidden_size,
+        vision_layers=vision_layers,
+        heads=num_attention_heads,
+        patch_size=patch_size,
+    )
+    config_class, model_class = _MODELS[family]
+    config = config_class(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.vision_start_token_id,
+        vision_end_token_id=tokenizer.vision_end_token_id,
+        tie_word_embeddings=False,
+    )
+    model = init_tiny_model(model_class, config, tokenizer, seed=seed, attn_implementation=attn_implementation)
+    return model, processor
+
+
+@register_tiny_family("qwen2_vl")
+def build_tiny_qwen2_vl(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    patch_size: int = 8,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 96 * 96,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor]:
+    """
+    Build a tiny Qwen2-VL (dynamic-resolution vision tower, M-RoPE decoder) and its image-only processor, offline.
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        patch_size (`int`, *optional*, defaults to `8`):
+            Patch side of the vision tower; patches are merged 2 x 2 into one visual token.
+        min_pixels (`int`, *optional*, defaults to `1024`):
+            Fewest pixels of a resized image (32 x 32: 4 visual tokens).
+        max_pixels (`int`, *optional*, defaults to `9216`):
+            Most pixels of a resized image (96 x 96: 36 visual tokens).
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder; `hidden_size // num_attention_heads` must be a multiple of 8.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower.
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision blocks.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation (`"sdpa"` or `"eager"`).
+
+    Returns:
+        `tuple[Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor]`: the model (float32, eval mode) and
+        processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen2_vl
+    >>> model, processor = build_tiny_qwen2_vl(words=["what", "color", "red"])
+    >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}]
+    >>> text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    >>> text
+    '<s> user : <|vision_start|><|image_pad|><|vision_end|> what color ? assistant :'
+    >>> inputs = processor(text=[text], images=[Image.new("RGB", (64, 48))], return_tensors="pt")
+    >>> inputs["image_grid_thw"].tolist(), (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    ([[1, 6, 8]], 12)
+    >>> inputs["mm_token_type_ids"].sum().item()
+    12
+    ```
+    """
+    return _build("qwen2_vl", **locals())  # the arguments above, as they are
+
+
+@register_tiny_family("qwen2_5_vl")
+def build_tiny_qwen2_5_vl(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    patch_size: int = 8,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 96 * 96,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor]:
+    """
+    Build a tiny Qwen2.5-VL (window-attention vision tower, M-RoPE decoder) and its image-only processor, offline.
+
+    The arguments are those of [`build_tiny_qwen2_vl`]; the tower's windows are 2 x 2 merged tokens
+    (`window_size = 4 * patch_size` pixels) and its last block attends globally.
+
+    Returns:
+        `tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor]`: the model (float32, eval mode) and
+        processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen2_5_vl
+    >>> model, processor = build_tiny_qwen2_5_vl(words=["red"], num_hidden_layers=1)
+    >>> inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|> red"], images=[Image.new("RGB", (48, 96))])
+    >>> inputs["image_grid_thw"].tolist(), model.config.vision_config.window_size
+    ([[1, 12, 6]], 32)
+    ```
+    """
+    return _build("qwen2_5_vl", **locals())  # the arguments above, as they are
+
+
+@register_tiny_family("qwen3_vl")
+def build_tiny_qwen3_vl(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    patch_size: int = 8,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 96 * 96,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor]:
+    """
+    Build a tiny Qwen3-VL (vision tower with one deepstack level, interleaved M-RoPE decoder) and its image-only
+    processor, offline.
+
+    The arguments are those of [`build_tiny_qwen2_vl`]; the tower has learned position embeddings on an 8 x 8 grid
+    (interpolated to each image) and feeds the features after its block 0 to the first decoder layer (deepstack).
+
+    Returns:
+        `tuple[Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor]`: the model (float32, eval mode) and
+        processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen3_vl
+    >>> model, processor = build_tiny_qwen3_vl(words=["red"])
+    >>> inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|> red"], images=[Image.new("RGB", (64, 48))], return_tensors="pt")
+    >>> features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    >>> [f.shape for f in features.pooler_output], len(features.deepstack_features)
+    ([torch.Size([12, 32])], 1)
+    ```
+    """
+    return _build("qwen3_vl", **locals())  # the arguments above, as they are
