@@ -332,6 +332,12 @@ FAMILIES = {
         )
         for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     },
+    **{
+        family: FamilyCase(
+            sizes=((40, 30), (100, 20)), counts=(80, 48), extra_inputs=frozenset({"pixel_attention_mask"})
+        )
+        for family in ("idefics3", "smolvlm")
+    },
 }
 
 

@@ -17,6 +17,7 @@ Each family's module docstring records its geometry: visual tokens per image, th
 `input_ids`, the extra inputs its processor returns and the type of `get_image_features(...).pooler_output`.
 """
 
+from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
 from .llava import (
     TINY_LLAVA_PRESETS,
     TinyLlavaPreset,
@@ -42,8 +43,10 @@ __all__ = [
     "ImageOnlyQwen2VLProcessor",
     "ImageOnlyQwen2_5_VLProcessor",
     "ImageOnlyQwen3VLProcessor",
+    "ImageOnlySmolVLMProcessor",
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
+    "build_tiny_idefics3",
     "build_tiny_llava",
     "build_tiny_llava_and_processor",
     "build_tiny_llava_next",
@@ -53,6 +56,7 @@ __all__ = [
     "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2_vl",
     "build_tiny_qwen3_vl",
+    "build_tiny_smolvlm",
     "build_word_tokenizer",
     "list_tiny_families",
     "make_chat_template",
