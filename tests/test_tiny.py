@@ -338,6 +338,13 @@ FAMILIES = {
         )
         for family in ("idefics3", "smolvlm")
     },
+    "gemma3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16), extra_inputs=frozenset({"token_type_ids"})),
+    "paligemma": FamilyCase(
+        sizes=((40, 30), (30, 60)),
+        counts=(16, 16),
+        extra_inputs=frozenset({"token_type_ids", "labels"}),
+        text_only=False,
+    ),
 }
 
 
@@ -401,7 +408,10 @@ def _family_samples(case: FamilyCase) -> list[dict]:
     return samples
 
 
-ANSWERS = [["red", "</s>"], ["a", "red", "object", "</s>"], ["no", "</s>"]]
+def _answer_of(sample: dict) -> list[str]:
+    content = sample["messages"][-1]["content"]
+    text = content if isinstance(content, str) else content[0]["text"]
+    return [*text.split(), "</s>"]
 
 
 def _process(processor, samples: list[dict]):
@@ -447,10 +457,7 @@ def test_family_forward_backward_with_trl_collator(family):
     model, processor = _family(family)
     samples = _family_samples(FAMILIES[family])
     batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)(copy.deepcopy(samples))
-    for row, answer in enumerate(
-        ANSWERS[: len(samples)] if FAMILIES[family].multi_image else [ANSWERS[0], ANSWERS[2]]
-    ):
-        assert _answer_tokens(processor.tokenizer, batch["labels"][row]) == answer
+    assert (batch["labels"] != -100).any()
     model.zero_grad()
     loss = model(**batch).loss
     assert torch.isfinite(loss)
@@ -501,7 +508,17 @@ def test_family_save_and_reload(family, tmp_path):
         torch.testing.assert_close(reloaded_model(**actual).logits, model(**expected).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# PaliGemma's processor inserts `<s>` after the last image without counting it in the character offsets that turn the
+# template's `{% generation %}` span into token positions, so its assistant mask starts and ends early.
+_MASKED_FAMILIES = [
+    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="PaliGemma's inserted <s> shifts the mask"))
+    if f == "paligemma"
+    else f
+    for f in FAMILIES
+]
+
+
+@pytest.mark.parametrize("family", _MASKED_FAMILIES)
 def test_family_assistant_tokens_mask(family):
     _, processor = _family(family)
     samples = _family_samples(FAMILIES[family])
@@ -514,7 +531,10 @@ def test_family_assistant_tokens_mask(family):
         processor_kwargs={"padding": True},
     )
     masks = torch.as_tensor(out["assistant_masks"])
-    answers = ANSWERS if FAMILIES[family].multi_image else [ANSWERS[0], ANSWERS[2]]
-    for row, answer in enumerate(answers[: len(samples)]):
+    for row, sample in enumerate(samples):
         ids = torch.as_tensor(out["input_ids"][row])[masks[row].bool()]
-        assert processor.tokenizer.convert_ids_to_tokens(ids.tolist()) == answer
+        assert processor.tokenizer.convert_ids_to_tokens(ids.tolist()) == _answer_of(sample)
+    # TRL's collator turns the same mask into labels.
+    batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)(copy.deepcopy(samples))
+    for row, sample in enumerate(samples):
+        assert _answer_tokens(processor.tokenizer, batch["labels"][row]) == _answer_of(sample)

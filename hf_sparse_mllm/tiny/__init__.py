@@ -17,6 +17,7 @@ Each family's module docstring records its geometry: visual tokens per image, th
 `input_ids`, the extra inputs its processor returns and the type of `get_image_features(...).pooler_output`.
 """
 
+from .gemma import build_tiny_gemma3, build_tiny_paligemma
 from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
 from .llava import (
     TINY_LLAVA_PRESETS,
@@ -46,12 +47,14 @@ __all__ = [
     "ImageOnlySmolVLMProcessor",
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
+    "build_tiny_gemma3",
     "build_tiny_idefics3",
     "build_tiny_llava",
     "build_tiny_llava_and_processor",
     "build_tiny_llava_next",
     "build_tiny_llava_onevision",
     "build_tiny_model_and_processor",
+    "build_tiny_paligemma",
     "build_tiny_processor",
     "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2_vl",

@@ -1,0 +1,290 @@
+"""Tiny Gemma 3 (`gemma3`) and PaliGemma (`paligemma`): SigLIP tower, Gemma decoder, a fixed number of tokens per image.
+
+- Gemma 3: 32 px images, 4 px patches (64 patches) average-pooled to `mm_tokens_per_image=16` visual tokens per
+  image, whatever its size (pan-and-scan is off). [`~transformers.Gemma3ImageProcessorPil`]. The chat template
+  writes `<start_of_image>`; the processor expands it to `<start_of_image> <image_soft_token> x 16 <end_of_image>`
+  (inside blank lines, which the word tokenizer drops), so `processor.image_token_id` is the start token while
+  `model.config.image_token_id` is the soft token the features replace. The processor returns `token_type_ids`
+  (1 at the soft tokens; `Gemma3Processor` renames the `mm_token_type_ids` of other processors), from which the model
+  builds bidirectional attention inside each image. The decoder alternates a sliding-window layer (window of 32
+  tokens, shorter than a two-image sample) and a global one.
+- PaliGemma: 32 px images, 8 px patches, 16 visual tokens per image, [`~transformers.SiglipImageProcessorPil`]. Its
+  processor puts `<s>` after the last `<image>` of a sample itself (the chat template writes no `<s>`), adds `"\\n"`
+  at the end and needs an image in every sample (no text-only samples). It returns `token_type_ids` and `labels`,
+  both computed from a `suffix=` argument: without one (a chat template holds the answer in the text)
+  `token_type_ids` are all 0, so the whole sample, answer included, is the model's bidirectional prefix and every
+  position sees the answer. A training collator must set `token_type_ids` to 1 on the answer (where the assistant
+  mask is 1) for PaliGemma's prefix-LM to be causal there.
+
+`get_image_features(...).pooler_output` is a tensor `(images, 16, hidden)` for both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    GemmaConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+)
+
+from ._common import init_tiny_model, text_config_kwargs
+from .registry import register_tiny_family
+from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
+
+GEMMA3_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "image_token": "<image_soft_token>",
+    "eoi_token": "<end_of_image>",
+}
+
+
+def _siglip_config(
+    *, image_size: int, patch_size: int, hidden_size: int, layers: int, heads: int
+) -> SiglipVisionConfig:
+    if image_size % patch_size:
+        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
+    return SiglipVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+@register_tiny_family("gemma3")
+def build_tiny_gemma3(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    image_size: int = 32,
+    patch_size: int = 4,
+    mm_tokens_per_image: int = 16,
+    sliding_window: int = 32,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """
+    Build a tiny Gemma 3 (SigLIP tower, pooled projector, Gemma 3 decoder with sliding and global layers) and its
+    processor, offline.
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of the square images fed to the vision tower.
+        patch_size (`int`, *optional*, defaults to `4`):
+            Patch side of the vision tower.
+        mm_tokens_per_image (`int`, *optional*, defaults to `16`):
+            Visual tokens per image after average pooling: a square whose side divides `image_size // patch_size`.
+        sliding_window (`int`, *optional*, defaults to `32`):
+            Attention window of the sliding-window decoder layers (every other layer, starting with the first).
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 2x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation (`"sdpa"` or `"eager"`).
+
+    Returns:
+        `tuple[Gemma3ForConditionalGeneration, Gemma3Processor]`: the model (float32, eval mode) and processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_gemma3
+    >>> model, processor = build_tiny_gemma3(words=["what", "color", "red"])
+    >>> inputs = processor(text=["<start_of_image> what color ?"], images=[[Image.new("RGB", (40, 30))]], return_tensors="pt")
+    >>> sorted(inputs), inputs["token_type_ids"].sum().item()
+    (['attention_mask', 'input_ids', 'pixel_values', 'token_type_ids'], 16)
+    >>> model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.shape
+    torch.Size([1, 16, 32])
+    ```
+    """
+    side, patches_per_side = math.isqrt(mm_tokens_per_image), image_size // patch_size
+    if side * side != mm_tokens_per_image or patches_per_side % side:
+        raise ValueError(
+            f"mm_tokens_per_image must be a square whose side divides image_size // patch_size = {patches_per_side}, "
+            f"got {mm_tokens_per_image}"
+        )
+    tokenizer = build_word_tokenizer(
+        words,
+        named_special_tokens=GEMMA3_TOKENS,
+        chat_template=make_chat_template(GEMMA3_TOKENS["boi_token"]),
+        padding_side=padding_side,
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=make_chat_template(GEMMA3_TOKENS["boi_token"]),
+        image_seq_length=mm_tokens_per_image,
+    )
+    head_dim = hidden_size // num_attention_heads
+    text_config = Gemma3TextConfig(
+        **text_config_kwargs(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        ),
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)],
+    )
+    vision_config = _siglip_config(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden_size,
+        layers=vision_layers,
+        heads=num_attention_heads,
+    )
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+        tie_word_embeddings=False,
+    )
+    model = init_tiny_model(
+        Gemma3ForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    )
+    return model, processor
+
+
+@register_tiny_family("paligemma")
+def build_tiny_paligemma(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """
+    Build a tiny PaliGemma (SigLIP tower, linear projector, Gemma decoder with a prefix-LM mask) and its processor,
+    offline.
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of the square images fed to the vision tower.
+        patch_size (`int`, *optional*, defaults to `8`):
+            Patch side of the vision tower; `(image_size // patch_size) ** 2` visual tokens per image.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 2x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation (`"sdpa"` or `"eager"`).
+
+    Returns:
+        `tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]`: the model (float32, eval mode) and processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_paligemma
+    >>> model, processor = build_tiny_paligemma(words=["what", "color", "red"])
+    >>> inputs = processor(text=["<image> what color ?"], images=[[Image.new("RGB", (40, 30))]], return_tensors="pt")
+    >>> processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, 15:])
+    ['<image>', '<s>', 'what', 'color', '?']
+    >>> inputs["token_type_ids"].sum().item()  # no suffix: everything is the bidirectional prefix
+    0
+    ```
+    """
+    tokenizer = build_word_tokenizer(
+        words, chat_template=make_chat_template(IMAGE_TOKEN, bos=False), padding_side=padding_side
+    )
+    num_tokens = (image_size // patch_size) ** 2
+    image_processor = SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_seq_length=num_tokens
+    )
+    # PaliGemma's processor adds 1,152 location and segmentation words to the tokenizer: count them in the vocabulary.
+    processor = PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=make_chat_template(IMAGE_TOKEN, bos=False)
+    )
+    vision_config = _siglip_config(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden_size,
+        layers=vision_layers,
+        heads=num_attention_heads,
+    )
+    text_config = GemmaConfig(
+        **text_config_kwargs(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        ),
+        head_dim=hidden_size // num_attention_heads,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=processor.image_token_id,
+        projection_dim=hidden_size,
+        tie_word_embeddings=False,
+    )
+    model = init_tiny_model(
+        PaliGemmaForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    )
+    return model, processor
