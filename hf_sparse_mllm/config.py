@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 SPARSE_CONFIG_NAME = "sparse_mllm_config.json"
 STAGES = ("alignment", "instruction", "auto")
+# Fields that belong to layer-skip policies (each policy names the ones it reads in `SkipPolicy.fields`).
+_SKIP_FIELDS = ("skip_ratio", "max_skip_prob", "protect_layers", "measure_every", "skip_layers")
 
 
 @strict(accept_kwargs=True)
@@ -180,7 +182,7 @@ class SparseMLLMConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def _validate_skipping(self) -> None:
-        from .skipping import list_skip_policies
+        from .skipping import get_skip_policy, list_skip_policies
 
         if self.layer_skip_policy is not None and self.layer_skip_policy not in list_skip_policies():
             raise ValueError(
@@ -194,32 +196,38 @@ class SparseMLLMConfig(PreTrainedConfig):
             raise ValueError(f"protect_layers must be >= 0, got {self.protect_layers}.")
         if self.measure_every < 1:
             raise ValueError(f"measure_every must be >= 1, got {self.measure_every}.")
-        if self.layer_skip_policy == "fixed" and not self.skip_layers:
-            raise ValueError("layer_skip_policy='fixed' needs skip_layers, a non-empty list of decoder layer indices.")
-        if self.skip_layers and self.layer_skip_policy != "fixed":
-            logger.warning(
-                "skip_layers is only used by layer_skip_policy='fixed'; it is ignored with %r.", self.layer_skip_policy
-            )
-        if self.skip_on_slow_steps and self.layer_skip_policy is None:
-            logger.warning("skip_on_slow_steps=True has no effect without a layer_skip_policy.")
         if self.skip_layers is not None and any(i < 0 for i in self.skip_layers):
             raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers}.")
+        if self.skip_on_slow_steps and self.layer_skip_policy is None:
+            logger.warning("skip_on_slow_steps=True has no effect without a layer_skip_policy.")
+        if self.layer_skip_policy is None:
+            return
+        policy = get_skip_policy(self.layer_skip_policy)
+        policy.validate(**self.skip_policy_fields())
+        defaults = {f.name: f.default for f in fields(self)}
+        unused = [name for name in _SKIP_FIELDS if name not in policy.fields and getattr(self, name) != defaults[name]]
+        if unused:
+            logger.warning(
+                "%s %s only used by other layer skip policies; ignored with %r.",
+                ", ".join(unused),
+                "is" if len(unused) == 1 else "are",
+                self.layer_skip_policy,
+            )
+
+    def skip_policy_fields(self) -> dict:
+        """The values of the fields the configured layer-skip policy reads (empty without a policy)."""
+        if self.layer_skip_policy is None:
+            return {}
+        from .skipping import get_skip_policy
+
+        return {name: getattr(self, name) for name in get_skip_policy(self.layer_skip_policy).fields}
 
     def check_decoder_depth(self, num_layers: int) -> None:
         """Checks that need the model's decoder depth (called by the trainer)."""
-        if self.layer_skip_policy is None:
-            return
-        if 2 * self.protect_layers > num_layers:
-            raise ValueError(
-                f"protect_layers={self.protect_layers} protects more than the {num_layers} decoder layers "
-                f"(at most half the depth, {num_layers // 2}, is allowed)."
-            )
-        if self.layer_skip_policy == "fixed":
-            bad = [i for i in self.skip_layers if i >= num_layers]
-            if bad:
-                raise ValueError(
-                    f"skip_layers {bad} are out of range for a decoder with {num_layers} layers (0..{num_layers - 1})."
-                )
+        if self.layer_skip_policy is not None:
+            from .skipping import get_skip_policy
+
+            get_skip_policy(self.layer_skip_policy).validate(num_layers, **self.skip_policy_fields())
 
     @property
     def compression_enabled(self) -> bool:

@@ -57,10 +57,16 @@ class ModeIsolator(nn.Module):
         self._register_state_dict_hook(_drop_own_state)
         self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Prepend the isolator tokens to every image: `(num_images, k, dim)` -> `(num_images, n + k, dim)`."""
-        tokens = self.tokens.to(features.dtype).unsqueeze(0).expand(features.shape[0], -1, -1)
-        return torch.cat([tokens, features], dim=1)
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    def forward(self, runs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prepend the isolator tokens to every run of kept visual tokens: each `(k_i, dim)` becomes `(n + k_i, dim)`.
+
+        A module call (not a bare use of `tokens`), so that FSDP and ZeRO-3 gather the parameter first.
+        """
+        return [torch.cat([self.tokens.to(run.dtype), run]) for run in runs]
 
 
 def _drop_own_state(module, state_dict, prefix, local_metadata):

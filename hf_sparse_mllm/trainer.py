@@ -1,9 +1,10 @@
 """`SparseMLLMTrainer`: a drop-in `transformers.Trainer` that trains vision-language models on fewer visual tokens.
 
-Reading order: `__init__` (attach the mode isolator, resolve the stage, check the arguments) -> `training_step`
-(decide the step's mode and skipped layers from the seed and `state.global_step`; bypass those layers over forward and
-backward) -> `compute_loss` (plain, fast or slow forward through the wrapped model) -> `log` (sparse metrics averaged
-across processes) -> saving and loading (isolator and skip state saved beside, never inside, the weights).
+Reading order: `__init__` (attach the mode isolator, resolve the stage, check the arguments) -> `plan_step` (the
+step's mode and skipped layers, a pure function of the seed and `state.global_step`) -> `training_step` (bypass
+the skipped layers over forward and backward) -> `compute_loss` (plain, fast or slow forward through the wrapped
+model, see `sparse_forward.py`) -> `log` (sparse metrics averaged across processes) -> saving and loading (isolator
+and skip state saved beside, never inside, the weights).
 """
 
 from __future__ import annotations
@@ -12,27 +13,25 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
-from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from . import hub
-from .adapters import SparsePlan, get_adapter
+from . import hub, model_parts
+from .adapters import get_adapter, has_adapter
+from .compat import load_checkpoint_weights
 from .compressors import get_compressor
 from .config import SparseMLLMConfig
 from .dualspeed import (
     FAST,
     SLOW,
     STREAM_SELECTION,
-    STREAM_SKIP,
     ModeIsolator,
     distillation_kl_sum,
     next_token_targets,
@@ -40,31 +39,80 @@ from .dualspeed import (
     step_random,
     token_ce_sum,
 )
-from .skipping import bypass_layers, get_skip_policy, measure_layer_redundancy
+from .skipping import LayerSkipper
+from .sparse_forward import Compression, compress_batch, sparse_hooks, zero_visual_contribution
 
 logger = logging.getLogger(__name__)
 
 ISOLATOR_FILE = "sparse_mllm_isolator.safetensors"
 SPARSE_STATE_FILE = "sparse_mllm_state.json"
-METRIC_KEYS = (
-    "skipped_layers",
-    "visual_tokens_per_image",
-    "seq_len",
-    "slow_step",
-    "fast_ce",
-    "teacher_ce",
-    "student_ce",
-    "kl",
-)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one micro-batch of optimizer step `step` does.
+
+    Args:
+        step (`int`): the optimizer step (`state.global_step`).
+        micro (`int`): the micro-batch's index in the gradient-accumulation window.
+        mode (`str`): `"fast"` (compressed visual tokens) or `"slow"` (all tokens, distilled from the fast mode).
+        skipped_layers (`tuple[int, ...]`): decoder layers not run.
+        measuring (`bool`): whether the step measures layer redundancy (full depth).
+    """
+
+    step: int
+    micro: int
+    mode: str
+    skipped_layers: tuple[int, ...] = ()
+    measuring: bool = False
+
+
+class SparseMetrics:
+    """Sums and counts of the sparse metrics since the last log, averaged over processes when logged."""
+
+    KEYS = (
+        "skipped_layers",
+        "visual_tokens_per_image",
+        "seq_len",
+        "slow_step",
+        "fast_ce",
+        "teacher_ce",
+        "student_ce",
+        "kl",
+    )
+
+    def __init__(self):
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+        self.samples = 0
+        self.since = time.perf_counter()
+
+    def record(self, name: str, value: float) -> None:
+        self.sums[name] += float(value)
+        self.counts[name] += 1
+
+    def pop(self, sum_across_processes) -> dict[str, float]:
+        """The averages (`sparse/<name>`) and `sparse/samples_per_second` since the last call; then start over."""
+        stats = [self.sums[k] for k in self.KEYS] + [self.counts[k] for k in self.KEYS] + [self.samples]
+        stats = sum_across_processes(torch.tensor(stats, dtype=torch.float64)).tolist()
+        n = len(self.KEYS)
+        logs = {f"sparse/{k}": round(stats[i] / stats[n + i], 4) for i, k in enumerate(self.KEYS) if stats[n + i]}
+        now = time.perf_counter()
+        logs["sparse/samples_per_second"] = round(stats[2 * n] / max(now - self.since, 1e-9), 3)
+        self.__init__()
+        return logs
 
 
 class SparseMLLMTrainer(Trainer):
     r"""
     A [`~transformers.Trainer`] that trains vision-language models with compressed visual tokens (fast steps) and,
-    in the instruction stage, occasional all-token steps distilled from the fast mode (slow steps, DualSpeed).
+    in the instruction stage, occasional all-token steps distilled from the fast mode (slow steps, DualSpeed); and,
+    with a `layer_skip_policy`, without some decoder layers on a step.
 
     Everything else is the stock `Trainer`: evaluation, prediction and the saved model use all visual tokens, and
-    with `token_compressor=None` training is identical to `Trainer`.
+    with `token_compressor=None` and no skipping training is identical to `Trainer`. Labels on image placeholder
+    tokens are never trained (they cannot be predicted, and their number changes on fast steps): they are masked,
+    with a warning the first time.
 
     Args:
         sparse_config ([`SparseMLLMConfig`], *optional*):
@@ -106,82 +154,85 @@ class SparseMLLMTrainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, sparse_config=None, **kwargs):
         if model is None:
-            raise ValueError("SparseMLLMTrainer needs `model` (model_init is not supported).")
+            raise ValueError(f"{type(self).__name__} needs `model` (model_init is not supported).")
+        if args is None:
+            args = TrainingArguments(output_dir="trainer_output")
+        self._setup_sparse(model, args, sparse_config, compute_loss_func=kwargs.get("compute_loss_func"))
+        super().__init__(model, self._sparse_args(args), *pargs, **kwargs)
+        self._check_processes()
+
+    # ---- set-up (shared with SparseSFTTrainer) -----------------------------------------------------------------
+
+    def _setup_sparse(self, model, args, sparse_config, compute_loss_func=None) -> None:
         if sparse_config is None:
             sparse_config = SparseMLLMConfig()
         if not isinstance(sparse_config, SparseMLLMConfig):
             raise TypeError(f"sparse_config must be a SparseMLLMConfig, got {type(sparse_config).__name__}.")
         self.sparse_config = sparse_config
-        self.adapter = get_adapter(model)
+        base = model_parts.base_model(model)
+        # An adapter is needed for compression only: skipping and the stock path work on any model (and, where there
+        # is one, it checks every batch's placeholders against its images).
+        self.adapter = get_adapter(base) if sparse_config.compression_enabled or has_adapter(base) else None
         self.compressor = get_compressor(sparse_config.token_compressor) if sparse_config.compression_enabled else None
-        self.stage = self._resolve_stage(sparse_config.stage)
-        self.num_keep = None
-        if self.compressor is not None:
-            # Checked now so a bad budget fails before training starts, not at the first step.
-            self.num_keep = self.compressor.budget(
-                num_tokens=self.adapter.tokens_per_image(),
-                keep_ratio=sparse_config.keep_ratio,
-                num_keep=sparse_config.num_keep,
-                grid_size=self.adapter.grid_size(),
-            )
+        self.stage = self._resolve_stage(base, sparse_config.stage)
         self.isolator = None
         if self.compressor is not None and sparse_config.num_isolator_tokens > 0:
-            self.isolator = getattr(model, "sparse_mllm_isolator", None)
+            self.isolator = getattr(base, "sparse_mllm_isolator", None)
             if self.isolator is None:
-                embed = model.get_input_embeddings().weight
+                embed = base.get_input_embeddings().weight
                 self.isolator = ModeIsolator(
                     sparse_config.num_isolator_tokens,
-                    self.adapter.hidden_size(),
+                    model_parts.text_hidden_size(base),
                     sparse_config.seed,
                     dtype=embed.dtype,
                 ).to(embed.device)
-                model.add_module("sparse_mllm_isolator", self.isolator)
-        self.skip_policy = None
+                base.add_module("sparse_mllm_isolator", self.isolator)
+        self._decoder = self.adapter.decoder() if self.adapter is not None else None
+        self.layer_skipper = None
         if sparse_config.layer_skip_policy is not None:
-            sparse_config.check_decoder_depth(len(self.adapter.decoder_layers()))
-            self.skip_policy = get_skip_policy(sparse_config.layer_skip_policy)
-
-        if args is None:
-            args = TrainingArguments(output_dir="trainer_output")
-        _check_training_arguments(args, sparse_config, compute_loss_func=kwargs.get("compute_loss_func"))
-        # A fast step leaves the isolator or (with vision_feature_layer=-2) vision parameters without gradients.
-        if args.ddp_find_unused_parameters is None:
-            args = copy.copy(args)
-            args.ddp_find_unused_parameters = True
-        super().__init__(model, args, *pargs, **kwargs)
-        if self.args.n_gpu > 1:
-            raise ValueError(
-                "SparseMLLMTrainer does not support torch.nn.DataParallel (several GPUs in one process): launch one "
-                "process per GPU with `torchrun --nproc_per_node N` or `accelerate launch`."
+            self._decoder = self._decoder or model_parts.decoder(base)
+            num_layers = len(self._decoder.layers)
+            sparse_config.check_decoder_depth(num_layers)
+            self.layer_skipper = LayerSkipper(
+                sparse_config.layer_skip_policy, sparse_config.skip_policy_fields(), num_layers, sparse_config.seed
             )
-
-        self._step_context: dict | None = None
-        self._context_step = -1
-        self._micro_step = 0
-        self._metric_sums = defaultdict(float)
-        self._metric_counts = defaultdict(int)
-        self._samples_since_log = 0
-        self._last_log_time = time.perf_counter()
-        self._redundancy: list[float] | None = None  # last measured per-layer input/output similarity
-        self._measure_sink: dict = {}
-        self._measure_step = -1
-        self._skip_counts = [0] * len(self.adapter.decoder_layers())
-        self._counted_step = -1
+        self.image_token_id = _image_token_id(base)
+        _check_training_arguments(args, sparse_config, compute_loss_func=compute_loss_func)
+        self._plan: StepPlan | None = None
+        self._window = (-1, 0)  # (optimizer step, micro-batches seen in it)
+        self._sparse_metrics = SparseMetrics()
+        self._warned_image_labels = False
         logger.info(
-            "SparseMLLMTrainer: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s "
-            "layer_skip_policy=%s",
+            "%s: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s layer_skip_policy=%s",
+            type(self).__name__,
             self.stage,
             sparse_config.token_compressor,
             sparse_config.num_keep or sparse_config.keep_ratio,
             self.effective_slow_mode_prob,
-            sparse_config.num_isolator_tokens if self.isolator is not None else 0,
+            self.isolator.num_tokens if self.isolator is not None else 0,
             sparse_config.layer_skip_policy if self.layer_skipping_active else None,
         )
 
-    def _resolve_stage(self, stage: str) -> str:
+    @staticmethod
+    def _sparse_args(args):
+        # A fast step leaves the isolator or (with vision_feature_layer=-2) vision parameters without gradients.
+        if args.ddp_find_unused_parameters is None:
+            args = copy.copy(args)
+            args.ddp_find_unused_parameters = True
+        return args
+
+    def _check_processes(self) -> None:
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support torch.nn.DataParallel (several GPUs in one process): launch "
+                "one process per GPU with `torchrun --nproc_per_node N` or `accelerate launch`."
+            )
+
+    @staticmethod
+    def _resolve_stage(model, stage: str) -> str:
         if stage != "auto":
             return stage
-        trains_lm = any(p.requires_grad for p in self.adapter.language_model().parameters())
+        trains_lm = any(p.requires_grad for p in model_parts.decoder(model).parameters())
         return "instruction" if trains_lm else "alignment"
 
     @property
@@ -194,39 +245,29 @@ class SparseMLLMTrainer(Trainer):
     @property
     def layer_skipping_active(self) -> bool:
         """Layer skipping (stage-aware) belongs to the instruction stage, where the language model is trained."""
-        return self.skip_policy is not None and not (self.sparse_config.stage_aware and self.stage == "alignment")
+        return self.layer_skipper is not None and not (self.sparse_config.stage_aware and self.stage == "alignment")
+
+    # ---- the schedule ------------------------------------------------------------------------------------------
 
     def step_mode(self, step: int) -> str:
         """The mode (`"fast"` or `"slow"`) of optimizer step `step`: a pure function of the seed and the step."""
         return step_mode(self.sparse_config.seed, step, self.effective_slow_mode_prob)
-
-    def is_measuring_step(self, step: int) -> bool:
-        """Full-depth steps on which a measuring policy (`redundancy`) records layer redundancy."""
-        return (
-            self.layer_skipping_active
-            and self.skip_policy.needs_measurement
-            and step % self.sparse_config.measure_every == 0
-        )
 
     def skipped_layers(self, step: int, mode: str | None = None) -> tuple[int, ...]:
         """Decoder layers not run on optimizer step `step`: a pure function of the seed, the step and the last
         measured redundancy. Measuring steps, and slow steps (with their teacher) unless `skip_on_slow_steps`, run at
         full depth."""
         mode = self.step_mode(step) if mode is None else mode
-        full_depth_slow = mode == SLOW and not self.sparse_config.skip_on_slow_steps
-        if not self.layer_skipping_active or full_depth_slow or self.is_measuring_step(step):
+        if not self.layer_skipping_active or (mode == SLOW and not self.sparse_config.skip_on_slow_steps):
             return ()
-        config = self.sparse_config
-        return self.skip_policy.decide(
-            step,
-            len(self.adapter.decoder_layers()),
-            rng=step_random(config.seed, STREAM_SKIP, step),
-            redundancy=self._redundancy,
-            skip_ratio=config.skip_ratio,
-            max_skip_prob=config.max_skip_prob,
-            protect_layers=config.protect_layers,
-            skip_layers=config.skip_layers,
-        )
+        return self.layer_skipper.decide(step)
+
+    def plan_step(self, step: int, micro: int = 0) -> StepPlan:
+        """The [`StepPlan`] of micro-batch `micro` of optimizer step `step` (override to force modes, e.g. in
+        benchmarks)."""
+        mode = self.step_mode(step)
+        measuring = self.layer_skipping_active and self.layer_skipper.is_measuring_step(step)
+        return StepPlan(step, micro, mode, self.skipped_layers(step, mode), measuring)
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -234,7 +275,7 @@ class SparseMLLMTrainer(Trainer):
         if self.isolator is not None and self.optimizer is not None:
             if not any(p is self.isolator.tokens for group in self.optimizer.param_groups for p in group["params"]):
                 raise ValueError(
-                    "The optimizer passed to SparseMLLMTrainer does not hold the mode isolator "
+                    f"The optimizer passed to {type(self).__name__} does not hold the mode isolator "
                     "(`model.sparse_mllm_isolator.tokens`): build it after creating the trainer, or let the trainer "
                     "create it."
                 )
@@ -243,162 +284,129 @@ class SparseMLLMTrainer(Trainer):
         if resume_from_checkpoint:
             # Here rather than in `_load_from_checkpoint`, which DeepSpeed runs skip.
             self._load_sparse_state(resume_from_checkpoint)
-        self._last_log_time = time.perf_counter()
+        self._sparse_metrics.since = time.perf_counter()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.create_model_card()  # the card describes the finished run too (main process only)
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
-        if step != self._context_step:
-            self._context_step, self._micro_step = step, 0
-        mode = self.step_mode(step)
-        skip = self.skipped_layers(step, mode)
-        self._step_context = {"step": step, "micro": self._micro_step, "mode": mode, "skip": skip}
-        self._samples_since_log += int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else 0
+        micro = self._window[1] if self._window[0] == step else 0
+        self._window = (step, micro + 1)
+        plan = self.plan_step(step, micro)
+        self._sparse_metrics.samples += int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else 0
         if self.layer_skipping_active:
-            self._record("skipped_layers", len(skip))
-            if step != self._counted_step:  # the histogram counts optimizer steps, not micro-batches
-                self._counted_step = step
-                for layer in skip:
-                    self._skip_counts[layer] += 1
-        layers = self.adapter.decoder_layers()
-        measuring = self.is_measuring_step(step)
-        if measuring and step != self._measure_step:  # a new measurement spans the whole accumulation window
-            self._measure_step, self._measure_sink = step, {}
+            self._sparse_metrics.record("skipped_layers", len(plan.skipped_layers))
         with contextlib.ExitStack() as stack:
-            # The bypass spans forward and backward: activation checkpointing replays forwards during backward.
-            stack.enter_context(bypass_layers(layers, skip))
-            if measuring:
-                stack.enter_context(measure_layer_redundancy(layers, self._measure_sink))
+            if self.layer_skipping_active:
+                # Spans forward and backward: activation checkpointing replays forwards during backward.
+                stack.enter_context(self.layer_skipper.during_micro_step(plan, self._decoder))
+            self._plan = plan
             try:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
-                self._step_context = None
-                self._micro_step += 1
-                self._measure_sink.pop("mask", None)
-        if measuring:
-            self._update_redundancy()
+                self._plan = None
+        if plan.measuring:
+            self.layer_skipper.finish_measurement(step, self._sum_across_processes)
         return loss
 
-    def _update_redundancy(self) -> None:
-        """Token-weighted mean similarity over the window so far, summed over processes first, so that every process
-        holds the same values and takes the same skip decisions."""
-        num_layers = len(self._skip_counts)
-        sums = [self._measure_sink.get(i, [0.0, 0])[0] for i in range(num_layers)]
-        counts = [self._measure_sink.get(i, [0.0, 0])[1] for i in range(num_layers)]
-        stats = torch.tensor(sums + counts, dtype=torch.float64, device=self.args.device)
+    def _sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(self.args.device)
         if self.accelerator.num_processes > 1:
-            stats = self.accelerator.reduce(stats, reduction="sum")
-        values = (stats[:num_layers] / stats[num_layers:].clamp(min=1)).tolist()
-        if not all(math.isfinite(v) for v in values):
-            logger.warning(
-                "Non-finite layer redundancy measured at step %s; keeping the previous one.", self.state.global_step
-            )
-            return
-        self._redundancy = [round(v, 6) for v in values]
-
-    def _note_forward_mask(self, attention_mask) -> None:
-        """Let a running redundancy measurement leave the padding of the next forward out."""
-        if self._step_context is not None and self._measure_step == self._step_context["step"]:
-            self._measure_sink["mask"] = attention_mask
+            values = self.accelerator.reduce(values, reduction="sum")
+        return values.cpu()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.adapter.check_batch(inputs)
-        context = self._step_context
-        sparse = (
-            context is not None
-            and self.compressor is not None
-            and self.adapter.num_images(inputs) > 0
-            and "labels" in inputs
-            and not return_outputs
-        )
-        if not sparse:
-            self._note_forward_mask(inputs.get("attention_mask"))
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if context is None:
-                return result  # evaluation / prediction: untouched
-            loss = result[0] if return_outputs else result
+        plan = self._plan
+        if plan is None or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # evaluation, prediction
+        inputs = self._mask_image_labels(inputs)
+        if self.compressor is None:
+            if self.adapter is not None and "input_ids" in inputs:
+                self.adapter.layout(inputs)  # a clear error when the placeholders do not match the images
+            loss = super().compute_loss(model, inputs, False, num_items_in_batch)
             stock_scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
             )
             if not stock_scaled:
                 loss = loss / self._accumulation_steps()
-            self._record("slow_step", 0.0)
+            self._sparse_metrics.record("slow_step", 0.0)
             if "input_ids" in inputs:
-                self._record("seq_len", inputs["input_ids"].shape[1])
-            return (loss, result[1]) if return_outputs else loss
+                self._sparse_metrics.record("seq_len", inputs["input_ids"].shape[1])
+            return loss
+        return self._sparse_loss(model, inputs, plan, num_items_in_batch)
 
-        self._check_sparse_batch(inputs)
-        if context["mode"] == FAST:
-            logits, targets, seq_len = self._answer_logits(model, inputs, compressed=True)
+    def _mask_image_labels(self, inputs: dict) -> dict:
+        """Labels on image placeholder tokens become -100 (warned once): they are never meaningful targets."""
+        labels, input_ids = inputs.get("labels"), inputs.get("input_ids")
+        if labels is None or input_ids is None or self.image_token_id is None:
+            return inputs
+        on_images = (input_ids == self.image_token_id) & (labels != -100)
+        if not bool(on_images.any()):
+            return inputs
+        if not self._warned_image_labels:
+            self._warned_image_labels = True
+            logger.warning(
+                "The batch has labels on %d image placeholder tokens (id %d); they are not trained (set to -100). "
+                "Mask them in the collator to silence this warning.",
+                int(on_images.sum()),
+                self.image_token_id,
+            )
+        return {**inputs, "labels": labels.masked_fill(on_images, -100)}
+
+    def _sparse_loss(self, model, inputs, plan: StepPlan, num_items_in_batch):
+        if "position_ids" in inputs and inputs.get("attention_mask") is None:
+            raise ValueError(
+                "Packed (padding-free) batches are not supported with token compression: pass padded batches with "
+                "an attention_mask."
+            )
+        record = self._sparse_metrics.record
+        layout = self.adapter.layout(inputs)
+        fast = self._fast_compression(plan)
+        if plan.mode == FAST:
+            logits, targets, seq_len, tokens_per_image = self._answer_logits(model, inputs, layout, fast)
             total = token_ce_sum(logits, targets)
-            self._record("fast_ce", total.item() / max(len(targets), 1))
-            self._record("visual_tokens_per_image", self.num_keep)
+            record("fast_ce", total.item() / max(len(targets), 1))
         else:
             with torch.no_grad():
-                teacher_logits, teacher_targets, _ = self._answer_logits(model, inputs, compressed=True)
-            logits, targets, seq_len = self._answer_logits(model, inputs, compressed=False)
+                teacher_logits, teacher_targets, _, _ = self._answer_logits(model, inputs, layout, fast)
+            logits, targets, seq_len, tokens_per_image = self._answer_logits(model, inputs, layout, None)
             if not torch.equal(teacher_targets, targets):
                 raise RuntimeError("Teacher and student answer tokens differ; the prompts must differ only in images.")
             student_ce = token_ce_sum(logits, targets)
             kl = distillation_kl_sum(logits, teacher_logits, self.sparse_config.distill_temperature)
             total = student_ce + self.sparse_config.distill_weight * kl
             n = max(len(targets), 1)
-            self._record("teacher_ce", token_ce_sum(teacher_logits, targets).item() / n)
-            self._record("student_ce", student_ce.item() / n)
-            self._record("kl", kl.item() / n)
-            self._record("visual_tokens_per_image", self.adapter.tokens_per_image())
-        self._record("slow_step", float(context["mode"] == SLOW))
-        self._record("seq_len", seq_len)
+            record("teacher_ce", token_ce_sum(teacher_logits, targets).item() / n)
+            record("student_ce", student_ce.item() / n)
+            record("kl", kl.item() / n)
+        if layout.runs:
+            record("visual_tokens_per_image", tokens_per_image)
+        else:
+            # Every process runs the vision tower and the isolator on every step, whatever its micro-batch holds.
+            total = total + zero_visual_contribution(self.adapter, self.isolator)
+        record("slow_step", float(plan.mode == SLOW))
+        record("seq_len", seq_len)
         return self._scale_summed_loss(total, len(targets), num_items_in_batch)
 
-    def _answer_logits(self, model, inputs, compressed: bool):
-        """Run the wrapped `model` in fast (compressed) or full mode; return logits and targets at answer positions."""
-        plan = SparsePlan()
-        batch = {k: v for k, v in inputs.items() if k != "labels"}
-        labels = inputs["labels"]
-        if compressed:
-            k = self.num_keep
-            n_iso = self.isolator.tokens.shape[0] if self.isolator is not None else 0
-            shrunk = self.adapter.shrink_image_spans(inputs, k + n_iso)
-            labels = shrunk.pop("labels")
-            batch = shrunk
-            plan.compress = self._compress_fn(k)
-            plan.needs = self.compressor.requires
-            plan.isolator = self.isolator
-        targets = next_token_targets(labels)
-        plan.logit_positions = targets != -100
-        self._note_forward_mask(batch.get("attention_mask"))
-        with self.adapter.apply(plan):
-            outputs = model(**batch, use_cache=False)
+    def _fast_compression(self, plan: StepPlan) -> Compression:
+        config = self.sparse_config
+        seed = int(step_random(config.seed, STREAM_SELECTION, plan.step, plan.micro).integers(2**62))
+        return Compression(self.compressor, config.keep_ratio, config.num_keep, seed, self.isolator)
+
+    def _answer_logits(self, model, inputs, layout, compression: Compression | None):
+        """Run the wrapped `model` in fast (`compression`) or full mode. Returns the logits and targets at the answer
+        positions, the sequence length and the visual tokens per image the language model saw."""
+        batch = compress_batch(self.adapter, inputs, compression, layout) if compression is not None else None
+        model_inputs = batch.inputs if batch is not None else inputs
+        targets = next_token_targets(model_inputs["labels"])
+        positions = targets != -100
+        with sparse_hooks(self.adapter, batch, compression, logit_positions=positions):
+            outputs = model(**{k: v for k, v in model_inputs.items() if k != "labels"}, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
-        return logits, targets[plan.logit_positions], batch["input_ids"].shape[1]
-
-    def _check_sparse_batch(self, inputs) -> None:
-        image = inputs["input_ids"] == self.adapter.image_token_id
-        if bool((inputs["labels"][image] != -100).any()):
-            raise ValueError(
-                "Token compression needs labels of -100 on the image placeholder tokens (they are not predicted; "
-                "their number changes on fast steps). Mask them in your collator, as VisionLanguageCollator does."
-            )
-        if "position_ids" in inputs and inputs.get("attention_mask") is None:
-            raise ValueError(
-                "Packed (padding-free) batches are not supported with token compression: pass padded batches with "
-                "an attention_mask."
-            )
-
-    def _compress_fn(self, k: int):
-        context = self._step_context
-        seed = int(
-            step_random(self.sparse_config.seed, STREAM_SELECTION, context["step"], context["micro"]).integers(2**62)
-        )
-
-        def compress(features, hook_context):
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            return self.compressor.compress(features, k, generator=generator, **hook_context)
-
-        return compress
+        images = max(layout.num_images, 1)
+        per_image = batch.visual_tokens_per_image if batch is not None else sum(r.length for r in layout.runs) / images
+        return logits, targets[positions], model_inputs["input_ids"].shape[1], per_image
 
     def _scale_summed_loss(self, total, n_local_tokens, num_items_in_batch):
         """Normalise a summed loss exactly as the stock Trainer normalises a model's loss."""
@@ -419,40 +427,19 @@ class SparseMLLMTrainer(Trainer):
         start = time.perf_counter()
         super()._maybe_log_save_evaluate(*args, **kwargs)
         # Logging, evaluation and checkpointing are not training: keep them out of sparse/samples_per_second.
-        if self._samples_since_log == 0:  # just logged: the next interval starts now
-            self._last_log_time = time.perf_counter()
+        if self._sparse_metrics.samples == 0:  # just logged: the next interval starts now
+            self._sparse_metrics.since = time.perf_counter()
         else:
-            self._last_log_time += time.perf_counter() - start
-
-    def _record(self, name: str, value: float) -> None:
-        self._metric_sums[name] += float(value)
-        self._metric_counts[name] += 1
+            self._sparse_metrics.since += time.perf_counter() - start
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.model.training:
-            sums = [self._metric_sums[k] for k in METRIC_KEYS] + [self._samples_since_log]
-            counts = [self._metric_counts[k] for k in METRIC_KEYS]
-            stats = torch.tensor(sums + counts, dtype=torch.float64, device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                stats = self.accelerator.reduce(stats, reduction="sum")
-            stats = stats.tolist()
-            for i, key in enumerate(METRIC_KEYS):
-                count = stats[len(METRIC_KEYS) + 1 + i]
-                if count:
-                    logs[f"sparse/{key}"] = round(stats[i] / count, 4)
-            now = time.perf_counter()
-            logs["sparse/samples_per_second"] = round(
-                stats[len(METRIC_KEYS)] / max(now - self._last_log_time, 1e-9), 3
-            )
-            self._last_log_time = now
-            self._samples_since_log = 0
-            self._metric_sums.clear()
-            self._metric_counts.clear()
+            logs.update(self._sparse_metrics.pop(self._sum_across_processes))
         if "train_runtime" in logs and self.layer_skipping_active:
             # End of training: how often each decoder layer was skipped.
-            steps = max(self.state.global_step, 1)
-            for layer, count in enumerate(self._skip_counts):
-                logs[f"sparse/skip_frequency/layer_{layer:02d}"] = round(count / steps, 4)
+            frequencies = self.layer_skipper.skip_frequencies(self.state.global_step)
+            for layer, frequency in enumerate(frequencies):
+                logs[f"sparse/skip_frequency/layer_{layer:02d}"] = round(frequency, 4)
         super().log(logs, start_time)
 
     # ---- saving and resuming -----------------------------------------------------------------------------------
@@ -518,22 +505,20 @@ class SparseMLLMTrainer(Trainer):
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_sparse_state(self, folder: str) -> None:
-        """Training state that is not model weights: the isolator and the measured layer redundancy."""
+        """Training state that is not model weights: the isolator and the layer-skip state."""
         os.makedirs(folder, exist_ok=True)
         if self.isolator is not None:
             tokens = self.isolator.tokens.detach().cpu().contiguous()
             save_file({"tokens": tokens}, os.path.join(folder, ISOLATOR_FILE))
-        state = {"layer_redundancy": self._redundancy, "layer_skip_counts": self._skip_counts}
+        state = self.layer_skipper.state_dict() if self.layer_skipper is not None else {}
         with open(os.path.join(folder, SPARSE_STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
     def _load_sparse_state(self, folder: str) -> None:
         state_path = os.path.join(folder, SPARSE_STATE_FILE)
-        if os.path.isfile(state_path):
+        if os.path.isfile(state_path) and self.layer_skipper is not None:
             with open(state_path) as f:
-                state = json.load(f)
-            self._redundancy = state.get("layer_redundancy")
-            self._skip_counts = state.get("layer_skip_counts") or self._skip_counts
+                self.layer_skipper.load_state_dict(json.load(f))
         path = os.path.join(folder, ISOLATOR_FILE)
         if self.isolator is not None:
             if not os.path.isfile(path):
@@ -546,7 +531,7 @@ class SparseMLLMTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
-        result = None if self.is_fsdp_enabled else _load_checkpoint_weights(model, resume_from_checkpoint)
+        result = None if self.is_fsdp_enabled else load_checkpoint_weights(model, resume_from_checkpoint)
         if result is not None:
             self._issue_warnings_after_load(result)
         else:
@@ -555,7 +540,7 @@ class SparseMLLMTrainer(Trainer):
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            result = _load_checkpoint_weights(self.model, best)
+            result = load_checkpoint_weights(self.model, best)
             if result is not None:
                 logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
                 self._issue_warnings_after_load(result)
@@ -563,40 +548,13 @@ class SparseMLLMTrainer(Trainer):
         super()._load_best_model()
 
 
-def _load_checkpoint_weights(model, folder: str):
-    """Load a `save_pretrained` folder (one safetensors file or an index of shards) into `model` by module name.
-
-    Returns the `load_state_dict` result, or `None` when the folder has no safetensors weights or its keys are not a
-    pure renaming of the model's (the stock loader is used then).
-    """
-    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index) as f:
-            files = sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
-    else:
-        return None
-    state_dict = {}
-    for file in files:
-        state_dict.update(load_file(file))
-    mapped = _checkpoint_to_module_keys(model, state_dict)
-    return None if mapped is None else model.load_state_dict(mapped, strict=False)
-
-
-def _checkpoint_to_module_keys(model, state_dict: dict) -> dict | None:
-    """Rename a checkpoint written by `save_pretrained` back to the model's module names.
-
-    `save_pretrained` writes some architectures (Llava among them) in their legacy key layout, but `Trainer` resumes
-    with a plain `load_state_dict`, which then matches no key and silently keeps the current weights. Returns `None`
-    when the mapping is not a pure renaming (the stock loader is used then).
-    """
-    own = model.state_dict()
-    module_key = {id(tensor): key for key, tensor in own.items()}
-    saved_to_module = {saved: module_key.get(id(t)) for saved, t in revert_weight_conversion(model, dict(own)).items()}
-    if None in saved_to_module.values() or not set(state_dict) <= set(saved_to_module):
-        return None
-    return {saved_to_module[key]: tensor for key, tensor in state_dict.items()}
+def _image_token_id(model) -> int | None:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def _check_training_arguments(args, sparse_config, compute_loss_func=None) -> None:

@@ -42,7 +42,11 @@ def main(out_dir):
     )
     trainer.train()
     rank = dist.get_rank()
-    record = {"world_size": dist.get_world_size(), "decisions": trainer.decisions, "redundancy": trainer._redundancy}
+    record = {
+        "world_size": dist.get_world_size(),
+        "decisions": trainer.decisions,
+        "redundancy": trainer.layer_skipper.redundancy,
+    }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
 
 

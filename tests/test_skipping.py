@@ -25,8 +25,11 @@ from hf_sparse_mllm.skipping.registry import SkipPolicy
 LAYERS = 6
 
 
-def _decide(name, step, **kwargs):
-    return get_skip_policy(name).decide(step, 8, rng=step_random(0, STREAM_SKIP, step), **kwargs)
+def _decide(name, step, redundancy=None, **kwargs):
+    """A policy's decision on 8 layers, its fields taken from `kwargs` or the config's defaults."""
+    policy, defaults = get_skip_policy(name), SparseMLLMConfig()
+    fields = {field: kwargs.get(field, getattr(defaults, field)) for field in policy.fields}
+    return policy.decide(step, 8, rng=step_random(0, STREAM_SKIP, step), redundancy=redundancy, **fields)
 
 
 # ---- policies ----------------------------------------------------------------------------------------------------
@@ -282,12 +285,14 @@ def test_redundancy_decisions_and_losses_survive_resume(tmp_path):
     full, full_logs = run("full")
     run("cut", stop=3)
     resumed, resumed_logs = run("cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
-    assert full._redundancy is not None and resumed._redundancy == full._redundancy
+    assert (
+        full.layer_skipper.redundancy is not None and resumed.layer_skipper.redundancy == full.layer_skipper.redundancy
+    )
     assert any(full_logs[s]["sparse/skipped_layers"] > 0 for s in range(4, 8))
     for step in range(4, 8):
         assert resumed_logs[step]["loss"] == pytest.approx(full_logs[step]["loss"], abs=1e-5)
         assert resumed_logs[step]["sparse/skipped_layers"] == full_logs[step]["sparse/skipped_layers"]
-    assert resumed._skip_counts == full._skip_counts
+    assert resumed.layer_skipper.skip_counts == full.layer_skipper.skip_counts
     end = [e for e in full.state.log_history if "train_runtime" in e][0]
     assert sum(end[f"sparse/skip_frequency/layer_{i:02d}"] for i in range(LAYERS)) > 0
 

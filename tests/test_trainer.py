@@ -230,17 +230,28 @@ def test_misspelt_field_is_an_error_naming_the_field():
         SparseMLLMConfig(layer_skip_policy="stochastic", max_skip_prb=0.3)
 
 
-def test_num_keep_larger_than_image_fails_at_init(tmp_path):
-    model, _ = tiny_llava()
-    with pytest.raises(ValueError, match="num_keep"):
-        SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig(num_keep=17))
+def test_num_keep_is_capped_at_each_units_size(tmp_path):
+    """Budgets are per visual unit and per batch: `num_keep` above an image's tokens keeps them all."""
+    model, processor = tiny_llava()
+    trainer = SparseMLLMTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=make_dataset(2),
+        data_collator=VisionLanguageCollator(processor),
+        sparse_config=SparseMLLMConfig(num_keep=17, slow_mode_prob=0.0),
+    )
+    trainer.train()
+    (log,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert log["sparse/visual_tokens_per_image"] == 16
 
 
 def test_unsupported_model_names_supported_architectures(tmp_path):
     model = LlamaForCausalLM(
         LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     )
-    with pytest.raises(ValueError, match=r"no architecture adapter.*llama.*Supported architectures: \['llava'"):
+    with pytest.raises(
+        ValueError, match=r"no architecture adapter.*llama.*Supported architectures: \[.*'llava'.*register_adapter"
+    ):
         SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig())
 
 
@@ -289,25 +300,31 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
 
 
 def test_sharded_checkpoint_loads_by_module_name(tmp_path):
-    from hf_sparse_mllm.trainer import _load_checkpoint_weights
+    from hf_sparse_mllm.compat import load_checkpoint_weights
 
     model, _ = tiny_llava()
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     other, _ = tiny_llava(seed=1)
-    result = _load_checkpoint_weights(other, str(tmp_path / "sharded"))
+    result = load_checkpoint_weights(other, str(tmp_path / "sharded"))
     assert not result.missing_keys and not result.unexpected_keys
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(other.state_dict()[name], tensor, msg=name)
 
 
-def test_labels_on_image_tokens_are_refused_with_compression(tmp_path):
+@pytest.mark.parametrize("compressor", [None, "divprune"])
+def test_labels_on_image_tokens_are_masked_and_warned_once(tmp_path, caplog, compressor):
+    """A collator that leaves labels on the image placeholders trains exactly as one that masks them."""
     model, processor = tiny_llava()
-    batch = collate(processor, make_dataset(2))
-    batch["labels"] = batch["input_ids"].clone()
-    trainer = SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig())
-    with pytest.raises(ValueError, match="labels of -100 on the image placeholder"):
-        trainer.training_step(model, batch, num_items_in_batch=None)
+    masked = collate(processor, make_dataset(2))
+    image = masked["input_ids"] == model.config.image_token_id
+    unmasked = dict(masked, labels=torch.where(image, masked["input_ids"], masked["labels"]))
+    config = SparseMLLMConfig(token_compressor=compressor, slow_mode_prob=0.0)
+    trainer = SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=config)
+    with caplog.at_level(logging.WARNING, logger="hf_sparse_mllm.trainer"):
+        losses = [trainer.training_step(model, dict(batch)).item() for batch in (masked, unmasked, unmasked)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
+    assert len([r for r in caplog.records if "image placeholder tokens" in r.getMessage()]) == 1
 
 
 def test_custom_losses_are_refused_with_compression(tmp_path):

@@ -1,21 +1,29 @@
-"""Per-architecture knowledge, registered by `config.model_type`."""
+"""Per-architecture knowledge for compressed training and inference, registered by `config.model_type`."""
 
 from .base import (
     ArchitectureAdapter,
-    SparsePlan,
+    PlaceholderRun,
+    VisualLayout,
+    VisualUnit,
     get_adapter,
+    has_adapter,
     register_adapter,
-    shrink_image_spans,
+    square_grid,
     supported_model_types,
+    whole_run_units,
 )
 from .llava import LlavaAdapter
 
 __all__ = [
     "ArchitectureAdapter",
     "LlavaAdapter",
-    "SparsePlan",
+    "PlaceholderRun",
+    "VisualLayout",
+    "VisualUnit",
     "get_adapter",
+    "has_adapter",
     "register_adapter",
-    "shrink_image_spans",
+    "square_grid",
     "supported_model_types",
+    "whole_run_units",
 ]

@@ -1,25 +1,47 @@
-"""Architecture adapters: what the trainer needs to know about one model family, kept out of the trainer.
+"""Architecture adapters: what compressed training and inference need to know about one model family.
 
-An adapter answers three questions for its architecture: how many placeholder tokens an image has in the prompt,
-where to intercept the projected visual features (to compress them and prepend the mode isolator), and where the
-decoder layers and the LM head live. The trainer always runs the *wrapped* model (DDP/FSDP/DeepSpeed); adapters
-only install temporary hooks on submodules of the unwrapped one.
+An adapter describes a batch's visual tokens before the forward, as *placeholder runs* (the contiguous spans of image
+placeholder tokens in `input_ids`, one per image or per tile) divided into *visual units* (groups of tokens that are
+compressed together, with one budget and, where they have one, a patch grid). It also names the seam where the
+projected features come out (by default `get_image_features(...).pooler_output` of the model's base module, which
+every family in `transformers` scatters into the placeholders in order) and, for M-RoPE families, computes the
+full-sequence 3-D positions that kept tokens keep. Everything else (shortening the sequence, selecting, re-assembling
+the features, gathering positions) is [`hf_sparse_mllm.sparse_forward`], the same for every family.
+
+A new architecture is one file: subclass [`ArchitectureAdapter`], override what differs, decorate it with
+[`register_adapter`]. The defaults find the parts of a model generically (`get_decoder()`, `get_output_embeddings()`,
+`config.get_text_config()`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .. import model_parts
 
 _ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
 
 
 def register_adapter(*model_types: str) -> Callable[[type[ArchitectureAdapter]], type[ArchitectureAdapter]]:
-    """Class decorator registering an adapter for one or more `config.model_type` values."""
+    """Class decorator registering an adapter for one or more `config.model_type` values.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.adapters import ArchitectureAdapter, register_adapter, supported_model_types
+    >>> @register_adapter("docs_vlm")
+    ... class DocsAdapter(ArchitectureAdapter):
+    ...     pass
+    >>> "docs_vlm" in supported_model_types()
+    True
+
+    ```
+    """
 
     def wrap(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
         for model_type in model_types:
@@ -37,218 +59,243 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def has_adapter(model: nn.Module) -> bool:
+    return _model_type(model) in _ADAPTERS
+
+
 def get_adapter(model: nn.Module) -> ArchitectureAdapter:
-    """Return the adapter for `model` (an unwrapped `PreTrainedModel`), or raise a `ValueError` naming the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """Return the adapter for `model` (a `PreTrainedModel`, or a PEFT model around one).
+
+    Raises a `ValueError` naming the supported architectures and how to add one.
+    """
+    model = model_parts.base_model(model)
+    model_type = _model_type(model)
     if model_type not in _ADAPTERS:
         raise ValueError(
-            f"SparseMLLMTrainer has no architecture adapter for model_type {model_type!r} "
-            f"({type(model).__name__}). Supported architectures: {supported_model_types()}."
+            f"Visual token compression has no architecture adapter for model_type {model_type!r} "
+            f"({type(model).__name__}). Supported architectures: {supported_model_types()}. Without compression "
+            "(token_compressor=None) any model trains; to compress this one, write an adapter (one file, see "
+            "docs/adding_an_architecture.md) and register it with @hf_sparse_mllm.adapters.register_adapter"
+            f"({model_type!r})."
         )
     return _ADAPTERS[model_type](model)
 
 
-@dataclass
-class SparsePlan:
-    """What one forward pass does to the visual tokens and the LM head, consumed by the adapter's hooks.
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+@dataclass(frozen=True)
+class PlaceholderRun:
+    """A contiguous span of image placeholder tokens that one image (or one tile) fills.
 
     Args:
-        compress (`Callable` or `None`): maps projected features `(num_images, num_tokens, dim)` and a context dict
-            to the kept features `(num_images, k, dim)`; `None` keeps every token.
-        isolator (`nn.Module` or `None`): called on the kept features `(num_images, k, dim)`; returns them with the
-            mode-isolator tokens prepended to every image (a module call, so sharded parameters are gathered).
-        logit_positions (`torch.Tensor` or `None`): boolean `(batch, seq)` mask; when set, the LM head only sees the
-            hidden states at these positions (flattened to `(1, P, hidden)`), which saves the vocabulary projection of
-            every other position.
+        row (`int`): batch row.
+        start (`int`): position of the run's first placeholder in the row.
+        length (`int`): number of placeholders (= visual tokens of the image or tile).
+        image (`int`): index of the image it belongs to (images counted over the batch in order).
     """
 
-    compress: Callable[[torch.Tensor, dict], torch.Tensor] | None = None
-    isolator: nn.Module | None = None
-    logit_positions: torch.Tensor | None = None
-    needs: frozenset[str] = frozenset()
-    record: dict = field(default_factory=dict)
+    row: int
+    start: int
+    length: int
+    image: int
+
+
+@dataclass(frozen=True)
+class VisualUnit:
+    """Visual tokens compressed together, with one budget.
+
+    Args:
+        run (`int`): index of its [`PlaceholderRun`] in the layout.
+        offsets (`torch.LongTensor`): the unit's token offsets within the run, in raster order.
+        grid (`tuple[int, int]` or `None`): `(rows, cols)` of the unit's tokens in raster order, if it is a grid.
+        compress (`bool`): `False` for tokens always kept in place (e.g. LLaVA-NeXT's `image_newline` rows).
+    """
+
+    run: int
+    offsets: torch.Tensor
+    grid: tuple[int, int] | None = None
+    compress: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """The visual tokens of one batch: its placeholder runs (in the order their features come out of the model) and
+    the units they are divided into."""
+
+    runs: list[PlaceholderRun]
+    units: list[VisualUnit]
+
+    @property
+    def num_images(self) -> int:
+        return len({run.image for run in self.runs})
+
+
+def whole_run_units(runs: list[PlaceholderRun], grids: list[tuple[int, int] | None] | None = None) -> list[VisualUnit]:
+    """One unit per run, covering it all (the layout of most families)."""
+    grids = grids or [None] * len(runs)
+    return [VisualUnit(i, torch.arange(run.length), grid) for i, (run, grid) in enumerate(zip(runs, grids))]
+
+
+def square_grid(num_tokens: int) -> tuple[int, int] | None:
+    side = int(round(num_tokens**0.5))
+    return (side, side) if side * side == num_tokens else None
 
 
 class ArchitectureAdapter:
-    """Base class. Subclasses set the module paths and override what differs for their architecture."""
+    """Base class: per-architecture knowledge for compressed training and inference.
+
+    Subclasses override [`~ArchitectureAdapter.run_lengths`] (how many visual tokens each image or tile has, from
+    the batch's own metadata) and [`~ArchitectureAdapter.units`] (how runs divide into units, with their grids) where
+    the defaults do not fit, and [`~ArchitectureAdapter.full_position_ids`] for M-RoPE families.
+
+    Attributes:
+        selected_outputs (`tuple[str, ...]`): other fields of `get_image_features`' output that hold per-token
+            features aligned with `pooler_output` (e.g. Qwen3-VL's `deepstack_features`); they follow the selection.
+    """
+
+    selected_outputs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model = model_parts.base_model(model)
 
-    # -- facts about the architecture ---------------------------------------------------------------------------
+    # -- facts about the architecture --------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
     @property
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        config = self.config
+        value = getattr(config, "image_token_id", None)
+        return int(value if value is not None else config.image_token_index)
 
     @property
     def pad_token_id(self) -> int:
-        raise NotImplementedError
+        pad = getattr(self.config.get_text_config(), "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
 
-    def tokens_per_image(self) -> int:
-        raise NotImplementedError
+    def feature_module(self) -> nn.Module:
+        """The module whose forward calls `self.get_image_features(...)` and scatters its `pooler_output`."""
+        return self.model.base_model
 
-    def grid_size(self) -> tuple[int, int] | None:
-        return None
+    def decoder(self) -> nn.Module:
+        return model_parts.decoder(self.model)
 
-    def projector(self) -> nn.Module:
-        raise NotImplementedError
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.decoder().layers
+
+    def language_model(self) -> nn.Module:
+        return self.decoder()
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
     def hidden_size(self) -> int:
-        raise NotImplementedError
+        return model_parts.text_hidden_size(self.model)
 
-    def language_model(self) -> nn.Module:
-        raise NotImplementedError
+    # -- the batch's visual tokens ------------------------------------------------------------------------------
+    def run_lengths(self, inputs: dict) -> list[int] | None:
+        """Visual tokens of each image (or tile) of the batch, in order, from its metadata; `None` when only the
+        placeholders themselves tell (each maximal placeholder span is then one run)."""
+        return None
 
-    def num_images(self, inputs: dict) -> int:
-        pixel_values = inputs.get("pixel_values")
-        return 0 if pixel_values is None else int(pixel_values.shape[0])
+    def images_of_runs(self, inputs: dict, num_runs: int) -> list[int]:
+        """The image each run belongs to (default: every run is an image of its own)."""
+        return list(range(num_runs))
 
-    # -- batch checks and rewriting -----------------------------------------------------------------------------
-    def check_batch(self, inputs: dict) -> None:
-        """Raise a clear `ValueError` when the image placeholders do not match the images in the batch."""
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            return
-        n_tokens = int((input_ids == self.image_token_id).sum())
-        n_images = self.num_images(inputs)
-        per_image = self.tokens_per_image()
-        if n_tokens != n_images * per_image:
-            raise ValueError(
-                f"The batch has {n_tokens} image placeholder tokens (id {self.image_token_id}) but {n_images} images "
-                f"of {per_image} visual tokens each (expected {n_images * per_image}). Build the prompts with the "
-                "model's processor so that every image is expanded to its full number of placeholder tokens."
-            )
+    def units(self, inputs: dict, runs: list[PlaceholderRun]) -> list[VisualUnit]:
+        """Divide the runs into units (default: one unit per run, a square grid where the count is square)."""
+        return whole_run_units(runs, [square_grid(run.length) for run in runs])
 
-    def shrink_image_spans(self, inputs: dict, new_tokens_per_image: int) -> dict:
-        """Return a copy of `inputs` in which every image's placeholder span has `new_tokens_per_image` tokens."""
-        return shrink_image_spans(
-            inputs,
-            image_token_id=self.image_token_id,
-            tokens_per_image=self.tokens_per_image(),
-            new_tokens_per_image=new_tokens_per_image,
-            pad_token_id=self.pad_token_id,
-        )
+    def layout(self, inputs: dict) -> VisualLayout:
+        """The batch's [`VisualLayout`], checked against its images: a mismatch is a `ValueError` naming the rows."""
+        input_ids = inputs["input_ids"]
+        spans = [
+            (row, start, length)
+            for row in range(input_ids.shape[0])
+            for start, length in _true_runs(input_ids[row] == self.image_token_id)
+        ]
+        lengths = self.run_lengths(inputs)
+        if lengths is None:
+            lengths = [length for _, _, length in spans]
+        runs = _split_spans(spans, lengths, self.image_token_id)
+        images = self.images_of_runs(inputs, len(runs))
+        runs = [PlaceholderRun(row, start, length, image) for (row, start, length), image in zip(runs, images)]
+        return VisualLayout(runs, self.units(inputs, runs) if runs else [])
 
-    # -- hooks ------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def apply(self, plan: SparsePlan) -> Iterator[SparsePlan]:
-        """Install the plan's hooks for the duration of one forward pass through the (wrapped) model."""
-        handles = []
-        context: dict = {"grid_size": self.grid_size()}
-        if plan.compress is not None or plan.isolator is not None:
-            handles += self._context_hooks(plan.needs, context)
+    def full_position_ids(self, inputs: dict) -> torch.Tensor | None:
+        """M-RoPE families: the `(3, batch, seq)` position ids of the full (uncompressed) batch; `None` for 1-D
+        positions (the shortened sequence then gets contiguous positions, as the language model sees it)."""
+        return None
 
-            def on_projector_output(module, args, output):
-                features = output
-                if plan.compress is not None:
-                    features = plan.compress(features, context)
-                plan.record["kept_tokens_per_image"] = features.shape[1]
-                if plan.isolator is not None:
-                    features = plan.isolator(features)
-                return features
+    def generation_context(self, model: nn.Module, batch) -> contextlib.AbstractContextManager:
+        """Context for `model.generate` on a compressed batch (M-RoPE families keep their positions while decoding)."""
+        return contextlib.nullcontext()
 
-            handles.append(self.projector().register_forward_hook(on_projector_output))
-        if plan.logit_positions is not None:
-            positions = plan.logit_positions
-
-            def on_lm_head_input(module, args):
-                hidden = args[0]
-                return (hidden[positions.to(hidden.device)].unsqueeze(0),) + tuple(args[1:])
-
-            handles.append(self.lm_head().register_forward_pre_hook(on_lm_head_input))
-        try:
-            yield plan
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _context_hooks(self, needs: frozenset[str], context: dict) -> list:
-        """Hooks that fill `context` with what a compressor declared it needs (e.g. CLS attention)."""
+    # -- what some compressors need --------------------------------------------------------------------------
+    def context_hooks(self, needs: frozenset[str], context: dict) -> list:
+        """Install hooks that fill `context[name]` with one `(num_tokens,)` score row per unit for each name a
+        compressor `requires` (e.g. `cls_attention`); return their handles."""
         if needs:
             raise ValueError(
-                f"{type(self).__name__} cannot provide {sorted(needs)} to the token compressor for this architecture."
+                f"The token compressor needs {sorted(needs)}, which {type(self).__name__} cannot provide for "
+                f"{type(self.model).__name__}."
             )
         return []
 
+    # -- same modules on every process --------------------------------------------------------------------------
+    def dummy_visual_inputs(self) -> dict:
+        """Inputs of `get_image_features` for one small blank image, for the zero-contribution pass of a micro-batch
+        without images (sharded engines need every process to run the same modules)."""
+        vision = getattr(self.config, "vision_config", None)
+        size = getattr(vision, "image_size", None)
+        channels = getattr(vision, "num_channels", 3)
+        if size is None:
+            raise NotImplementedError(f"{type(self).__name__} does not know how to build a dummy image.")
+        size = size if isinstance(size, int) else size[0]
+        return {"pixel_values": torch.zeros(1, channels, size, size)}
 
-def _image_runs(is_image: torch.Tensor) -> list[tuple[int, int]]:
+
+def _true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     """(start, length) of every run of consecutive True values in a 1-D boolean tensor."""
-    if not bool(is_image.any()):
+    if not bool(mask.any()):
         return []
-    padded = torch.cat([is_image.new_zeros(1), is_image, is_image.new_zeros(1)]).to(torch.int8)
+    padded = torch.cat([mask.new_zeros(1), mask, mask.new_zeros(1)]).to(torch.int8)
     diff = padded[1:] - padded[:-1]
     starts = (diff == 1).nonzero().flatten().tolist()
     ends = (diff == -1).nonzero().flatten().tolist()
     return [(s, e - s) for s, e in zip(starts, ends)]
 
 
-def shrink_image_spans(
-    inputs: dict,
-    *,
-    image_token_id: int,
-    tokens_per_image: int,
-    new_tokens_per_image: int,
-    pad_token_id: int,
-) -> dict:
-    """Rebuild a padded batch so that each image's run of `tokens_per_image` placeholders has `new_tokens_per_image`.
+def _split_spans(spans, lengths, image_token_id) -> list[tuple[int, int, int]]:
+    """Cut the placeholder spans into runs of the given lengths, in order (adjacent images share a span)."""
+    runs, queue = [], list(lengths)
+    for row, start, length in spans:
+        cursor = start
+        while cursor < start + length:
+            if not queue or queue[0] > start + length - cursor:
+                raise ValueError(_mismatch(spans, lengths, image_token_id, row))
+            runs.append((row, cursor, queue[0]))
+            cursor += queue.pop(0)
+    if queue:
+        raise ValueError(_mismatch(spans, lengths, image_token_id, None))
+    return runs
 
-    Every `(batch, seq)` tensor in `inputs` (`input_ids`, `attention_mask`, `labels`, token-type ids, ...) is gathered
-    with the same index, so text tokens keep their order and values and an image span's attention-mask and label
-    values (all equal inside a span) are kept. Rows whose length changes differently (different numbers of images)
-    are re-padded on the side the batch was padded on. `position_ids`, if present, are rebuilt contiguously from the
-    attention mask: the shortened sequence is what the language model sees.
-    """
-    input_ids = inputs["input_ids"]
-    batch, seq_len = input_ids.shape
-    is_image = input_ids == image_token_id
-    row_indices = []
-    for row in range(batch):
-        pieces, cursor = [], 0
-        for start, length in _image_runs(is_image[row]):
-            if length % tokens_per_image:
-                raise ValueError(
-                    f"Row {row} has a run of {length} image placeholder tokens, not a multiple of the {tokens_per_image} "
-                    "tokens an image has: the prompt does not match the image features."
-                )
-            pieces.append(torch.arange(cursor, start))
-            for image in range(length // tokens_per_image):
-                pieces.append(torch.full((new_tokens_per_image,), start + image * tokens_per_image))
-            cursor = start + length
-        pieces.append(torch.arange(cursor, seq_len))
-        row_indices.append(torch.cat(pieces).to(input_ids.device))
 
-    new_len = max(len(index) for index in row_indices)
-    attention_mask = inputs.get("attention_mask")
-    left_padded = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
-    pad_values = {"input_ids": pad_token_id, "labels": -100}
-    out = dict(inputs)
-    for key, value in inputs.items():
-        if key == "position_ids" or not (isinstance(value, torch.Tensor) and value.shape[:2] == (batch, seq_len)):
-            continue
-        rows = []
-        for row, index in enumerate(row_indices):
-            gathered = value[row, index]
-            missing = new_len - len(index)
-            if missing:
-                filler = gathered.new_full((missing, *gathered.shape[1:]), pad_values.get(key, 0))
-                gathered = torch.cat([filler, gathered] if left_padded else [gathered, filler])
-            rows.append(gathered)
-        out[key] = torch.stack(rows)
-    if out.get("attention_mask") is not None:
-        # Columns that are padding in every row only cost compute.
-        used = out["attention_mask"].bool().any(0).nonzero().flatten()
-        if len(used) and (used[0] > 0 or used[-1] < new_len - 1):
-            lo, hi = int(used[0]), int(used[-1]) + 1
-            for key, value in out.items():
-                if isinstance(value, torch.Tensor) and value.shape[:2] == (batch, new_len) and key != "position_ids":
-                    out[key] = value[:, lo:hi]
-    if "position_ids" in inputs:
-        mask = out.get("attention_mask", torch.ones_like(out["input_ids"]))
-        out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return out
+def _mismatch(spans, lengths, image_token_id, row) -> str:
+    where = f" (first mismatch in batch row {row})" if row is not None else ""
+    return (
+        f"The batch has {sum(s[2] for s in spans)} image placeholder tokens (id {image_token_id}) in spans "
+        f"{[(r, length) for r, _, length in spans]} (row, length), but its images have "
+        f"{sum(lengths)} visual tokens in runs of {lengths}{where}. Build the prompts with the model's processor "
+        "so that every image is expanded to its full number of placeholder tokens, and do not truncate inside "
+        "an image."
+    )

@@ -1,72 +1,50 @@
-"""Adapter for `LlavaForConditionalGeneration` (LLaVA-1.5 layout: CLIP-style tower, MLP projector, decoder LM)."""
+"""`llava` (LLaVA-1.5: CLIP-style tower, MLP projector, decoder LM): one run of fixed length per image."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import ArchitectureAdapter, register_adapter
+from .base import ArchitectureAdapter, register_adapter, whole_run_units
 
 
 @register_adapter("llava")
 class LlavaAdapter(ArchitectureAdapter):
-    """Each image is one run of placeholder tokens in the prompt; the projector sees all images of a batch at once,
-    so one forward hook on `multi_modal_projector` compresses every image."""
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = getattr(self.model.config.text_config, "pad_token_id", None)
-        return 0 if pad is None else int(pad)
+    """Every image has `(image_size // patch_size) ** 2` visual tokens (one more with the `"full"` feature strategy,
+    whose leading CLS token means the run is not a grid). One unit per image; `cls_attention` applies (CLIP/SigLIP
+    towers with a CLS token)."""
 
     def _patches_per_side(self) -> int:
-        vision = self.model.config.vision_config
+        vision = self.config.vision_config
         return vision.image_size // vision.patch_size
 
     def tokens_per_image(self) -> int:
-        extra = 1 if self.model.config.vision_feature_select_strategy == "full" else 0
-        return self._patches_per_side() ** 2 + extra
+        return self._patches_per_side() ** 2 + (self.config.vision_feature_select_strategy == "full")
 
-    def grid_size(self) -> tuple[int, int] | None:
-        if self.model.config.vision_feature_select_strategy == "full":
-            return None  # the CLS token heads the sequence: it is not a grid
-        side = self._patches_per_side()
-        return (side, side)
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model().layers
-
-    def hidden_size(self) -> int:
-        return self.model.config.text_config.hidden_size
-
-    def num_images(self, inputs: dict) -> int:
+    def run_lengths(self, inputs: dict) -> list[int]:
         if inputs.get("image_sizes") is not None:
             raise ValueError(
                 "LlavaAdapter handles fixed-size images; `image_sizes` (variable resolution) is not supported."
             )
-        return super().num_images(inputs)
+        pixel_values = inputs.get("pixel_values")
+        return [] if pixel_values is None else [self.tokens_per_image()] * int(pixel_values.shape[0])
+
+    def units(self, inputs, runs):
+        side = self._patches_per_side()
+        grid = None if self.config.vision_feature_select_strategy == "full" else (side, side)
+        return whole_run_units(runs, [grid] * len(runs))
 
     def _selected_vision_layer(self) -> int:
         """Index of the encoder layer whose output `vision_feature_layer` selects (hidden_states[0] = embeddings)."""
-        feature_layer = self.model.config.vision_feature_layer
+        feature_layer = self.config.vision_feature_layer
         if not isinstance(feature_layer, int):
             feature_layer = feature_layer[-1]
-        num_layers = self.model.config.vision_config.num_hidden_layers
+        num_layers = self.config.vision_config.num_hidden_layers
         return feature_layer % (num_layers + 1) - 1
 
-    def _context_hooks(self, needs: frozenset[str], context: dict) -> list:
+    def context_hooks(self, needs: frozenset[str], context: dict) -> list:
         unsupported = set(needs) - {"cls_attention"}
         if unsupported:
-            return super()._context_hooks(frozenset(unsupported), context)
+            return super().context_hooks(frozenset(unsupported), context)
         if "cls_attention" not in needs:
             return []
         layer_index = self._selected_vision_layer()
@@ -81,7 +59,7 @@ class LlavaAdapter(ArchitectureAdapter):
                 f"cls_attention needs a CLIP/SigLIP-style vision tower with a CLS token, got {type(tower).__name__}."
             )
         attention = encoder.layers[layer_index].self_attn
-        drop_cls = self.model.config.vision_feature_select_strategy == "default"
+        drop_cls = self.config.vision_feature_select_strategy == "default"
 
         # Recompute the CLS row of that layer's attention from its input, so the tower keeps its fast attention kernel.
         def capture(module, args, kwargs):
@@ -92,6 +70,6 @@ class LlavaAdapter(ArchitectureAdapter):
                 keys = module.k_proj(hidden).view(hidden.shape[0], -1, heads, head_dim).transpose(1, 2)
                 scores = (query @ keys.transpose(-1, -2)).float() * module.scale
                 cls_row = scores.softmax(-1).mean(1).squeeze(1)  # (images, tokens), averaged over heads
-            context["cls_attention"] = cls_row[:, 1:] if drop_cls else cls_row
+            context["cls_attention"] = cls_row[:, 1:] if drop_cls else cls_row  # one row per image = per unit
 
         return [attention.register_forward_pre_hook(capture, with_kwargs=True)]

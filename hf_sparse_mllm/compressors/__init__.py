@@ -6,7 +6,15 @@ from .divprune import DivPruneCompressor
 from .pool import PoolCompressor
 from .random_select import RandomCompressor
 from .redundancy import RedundancyCompressor
-from .registry import TokenCompressor, get_compressor, list_compressors, register_compressor, resolve_grid_size
+from .registry import (
+    TokenCompressor,
+    check_keep_ratio,
+    check_num_keep,
+    get_compressor,
+    list_compressors,
+    register_compressor,
+    resolve_grid_size,
+)
 
 __all__ = [
     "ClsAttentionCompressor",
@@ -15,6 +23,8 @@ __all__ = [
     "RandomCompressor",
     "RedundancyCompressor",
     "TokenCompressor",
+    "check_keep_ratio",
+    "check_num_keep",
     "get_compressor",
     "list_compressors",
     "register_compressor",

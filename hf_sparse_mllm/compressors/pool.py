@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from .registry import (
     TokenCompressor,
-    _check_keep_ratio,
-    _check_num_keep,
-    _check_num_tokens,
+    check_keep_ratio,
+    check_num_keep,
+    check_num_tokens,
     register_compressor,
     resolve_grid_size,
 )
@@ -52,7 +52,7 @@ class PoolCompressor(TokenCompressor):
     `compress` returns the pooled features (`torch.nn.functional.avg_pool2d` with stride equal to the window and
     `ceil_mode=True`, so partial edge windows average the patches they cover); the kept "tokens" are new averaged
     vectors, not a subset. `select` (calling the compressor) returns one index per output cell, the top-left patch of
-    its window, for callers that need indices. Only budgets that form a pooled grid are achievable: from
+    its window, which is also the position a pooled token takes in an M-RoPE model. Only budgets that form a pooled grid are achievable: from
     `keep_ratio`, the stride is `s = max(1, round(sqrt(1 / keep_ratio)))` and `k = ceil(rows / s) * ceil(cols / s)`
     (keep_ratio=0.25 on 24x24 -> 144); an explicit `num_keep` must be such a grid (see [`pool_window`]), otherwise
     `ValueError` lists the valid budgets. Needs `grid_size` in the context unless the token count is a perfect square.
@@ -73,6 +73,8 @@ class PoolCompressor(TokenCompressor):
     ```
     """
 
+    selects = False
+
     def budget(
         self,
         num_tokens: int,
@@ -80,13 +82,13 @@ class PoolCompressor(TokenCompressor):
         num_keep: int | None = None,
         grid_size: tuple[int, int] | None = None,
     ) -> int:
-        num_tokens = _check_num_tokens(num_tokens)
+        num_tokens = check_num_tokens(num_tokens)
         rows, cols = resolve_grid_size(num_tokens, grid_size)
         if num_keep is not None:
-            num_keep = _check_num_keep(num_keep, num_tokens)
+            num_keep = check_num_keep(num_keep, num_tokens)
             self._window(rows, cols, num_keep, argument="num_keep")
             return num_keep
-        _check_keep_ratio(keep_ratio)
+        check_keep_ratio(keep_ratio)
         stride = max(1, round(math.sqrt(1 / keep_ratio)))
         return math.ceil(rows / stride) * math.ceil(cols / stride)
 
@@ -98,18 +100,18 @@ class PoolCompressor(TokenCompressor):
         indices = (top[:, None] * cols + left[None, :]).flatten()
         return indices.expand(features.shape[0], k)
 
-    def compress(self, features: torch.Tensor, k: int, **context) -> torch.Tensor:
-        k = self._check_inputs(features, k)
+    def compress_with_indices(
+        self, features: torch.Tensor, k: int, **context
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        indices = self(features, k, **context)
         num_images, num_tokens, dim = features.shape
+        if k == num_tokens or num_images == 0:
+            return indices, torch.gather(features, 1, indices.unsqueeze(-1).expand(-1, -1, dim))
         rows, cols = resolve_grid_size(num_tokens, context.get("grid_size"))
         window = self._window(rows, cols, k)
-        if k == num_tokens:
-            return features
-        if num_images == 0:
-            return features.new_empty(0, k, dim)
         grid = features.transpose(1, 2).reshape(num_images, dim, rows, cols)
         pooled = F.avg_pool2d(grid, kernel_size=window, stride=window, ceil_mode=True)
-        return pooled.flatten(2).transpose(1, 2)
+        return indices, pooled.flatten(2).transpose(1, 2)
 
     def _window(self, rows: int, cols: int, k: int, argument: str = "k") -> tuple[int, int]:
         window = pool_window(rows, cols, k)

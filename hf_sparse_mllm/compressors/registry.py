@@ -55,10 +55,15 @@ class TokenCompressor:
             The name the compressor is registered under.
         requires (`frozenset[str]`):
             Context keys the method cannot run without (the model adapter must provide them).
+        selects (`bool`):
+            Whether the kept tokens are a subset of the input tokens (`False` for methods that build new ones, such
+            as `pool`; features aligned with the visual tokens, like Qwen3-VL's deepstack features, then go through
+            the same reduction).
     """
 
     name: str = ""
     requires: frozenset[str] = frozenset()
+    selects: bool = True
 
     def select(self, features: torch.Tensor, k: int, **context) -> torch.LongTensor:
         """Return the indices of the `k` kept tokens of every image.
@@ -92,8 +97,16 @@ class TokenCompressor:
 
     def compress(self, features: torch.Tensor, k: int, **context) -> torch.Tensor:
         """Return the kept tokens `(num_images, k, dim)`, gathered from `features` (autograd flows through them)."""
+        return self.compress_with_indices(features, k, **context)[1]
+
+    def compress_with_indices(
+        self, features: torch.Tensor, k: int, **context
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Return `(indices, kept)`: the sorted token indices `(num_images, k)` the kept tokens `(num_images, k, dim)`
+        stand for. For selecting methods `kept` is `features` at `indices`; a method that builds new tokens (e.g.
+        `pool`) returns them with the index of a token each one represents (its position, for M-RoPE models)."""
         indices = self(features, k, **context)
-        return torch.gather(features, 1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        return indices, torch.gather(features, 1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
     def budget(
         self,
@@ -121,10 +134,10 @@ class TokenCompressor:
         Returns:
             `int`: the number of tokens `k` to keep.
         """
-        num_tokens = _check_num_tokens(num_tokens)
+        num_tokens = check_num_tokens(num_tokens)
         if num_keep is not None:
-            return _check_num_keep(num_keep, num_tokens)
-        _check_keep_ratio(keep_ratio)
+            return check_num_keep(num_keep, num_tokens)
+        check_keep_ratio(keep_ratio)
         return max(1, round(keep_ratio * num_tokens))
 
     def _check_inputs(self, features: torch.Tensor, k: int) -> int:
@@ -232,14 +245,18 @@ def resolve_grid_size(num_tokens: int, grid_size: tuple[int, int] | None = None)
     return side, side
 
 
-def _check_num_tokens(num_tokens: int) -> int:
+def check_num_tokens(num_tokens: int) -> int:
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}.")
     return int(num_tokens)
 
 
-def _check_num_keep(num_keep: int, num_tokens: int) -> int:
-    if isinstance(num_keep, bool) or not isinstance(num_keep, numbers.Integral) or not 1 <= num_keep <= num_tokens:
+def check_num_keep(num_keep: int, num_tokens: int | None = None) -> int:
+    """`num_keep` as an `int`, or a `ValueError`: it must be an integer in [1, num_tokens] (>= 1 without a size)."""
+    upper = num_tokens if num_tokens is not None else float("inf")
+    if isinstance(num_keep, bool) or not isinstance(num_keep, numbers.Integral) or not 1 <= num_keep <= upper:
+        if num_tokens is None:
+            raise ValueError(f"num_keep must be a positive integer number of visual tokens, got {num_keep!r}.")
         raise ValueError(
             f"num_keep must be an integer in [1, {num_tokens}] (the image has {num_tokens} visual tokens), "
             f"got {num_keep!r}."
@@ -247,6 +264,7 @@ def _check_num_keep(num_keep: int, num_tokens: int) -> int:
     return int(num_keep)
 
 
-def _check_keep_ratio(keep_ratio: float) -> None:
+def check_keep_ratio(keep_ratio: float) -> None:
+    """A `ValueError` unless `keep_ratio` is a real number in (0, 1]."""
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}.")

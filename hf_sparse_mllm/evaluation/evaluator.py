@@ -154,10 +154,12 @@ def evaluate_task(
     progress: bool = True,
     docs=None,
     n_original: int | None = None,
+    stats: dict | None = None,
 ) -> dict[str, Any]:
     """Run one task; return `{"metrics", "samples", "n_docs", "n_original", "seconds"}` (see [`evaluate`]).
 
-    `docs` (the task's loaded samples) and `n_original` skip loading them again when the caller already has them.
+    `docs` (the task's loaded samples) and `n_original` skip loading them again when the caller already has them;
+    `stats` accumulates the visual tokens seen (see [`generate_from_prompts`]).
     """
     start = time.perf_counter()
     if docs is None:
@@ -189,6 +191,7 @@ def evaluate_task(
             token_compressor=token_compressor,
             keep_ratio=keep_ratio,
             num_keep=num_keep,
+            stats=stats,
         )
         for i, output in zip(batch, outputs):
             raw[i] = output
@@ -298,7 +301,8 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of samples, got {limit}.")
-    compressor, k = resolve_compression(model, token_compressor, keep_ratio, num_keep)
+    compression = resolve_compression(model, token_compressor, keep_ratio, num_keep)
+    compressor = None if compression is None else compression.compressor
     tasks = [task_for_model(_as_task(task), model) for task in tasks]
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
@@ -309,6 +313,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     outputs = {}
+    stats: dict = {}  # visual tokens seen, for the results' config
     try:
         for task in tasks:
             outputs[task.name] = evaluate_task(
@@ -324,6 +329,7 @@ def evaluate(
                 progress=progress,
                 docs=loaded[task.name][0],
                 n_original=loaded[task.name][1],
+                stats=stats,
             )
     finally:
         model.train(was_training)
@@ -336,13 +342,9 @@ def evaluate(
         if max_new_tokens:
             config["generation_kwargs"]["max_new_tokens"] = max_new_tokens
         configs[task.name] = config
-    tokens_per_image = None
-    try:
-        from ..adapters import get_adapter
-
-        tokens_per_image = get_adapter(model).tokens_per_image()
-    except ValueError:
-        pass
+    images = stats.get("images", 0)
+    tokens_per_image = round(stats["visual_tokens"] / images, 2) if images else None
+    kept_per_image = round(stats["kept_visual_tokens"] / images, 2) if images else None
     results = {
         "results": {
             task.name: {"alias": task.name, **outputs[task.name]["metrics"], "samples": outputs[task.name]["n_docs"]}
@@ -369,7 +371,7 @@ def evaluate(
             "keep_ratio": keep_ratio if compressor is not None and num_keep is None else None,
             "num_keep": num_keep if compressor is not None else None,
             "visual_tokens_per_image": tokens_per_image,
-            "kept_visual_tokens_per_image": tokens_per_image if compressor is None else k,
+            "kept_visual_tokens_per_image": kept_per_image,
             "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         },
         "hf_sparse_mllm_version": __version__,

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..adapters import SparsePlan, get_adapter
-from ..compressors import TokenCompressor, get_compressor
+from ..adapters import get_adapter
+from ..compressors import TokenCompressor, check_keep_ratio, check_num_keep, get_compressor
+from ..sparse_forward import Compression, compress_batch, sparse_hooks
 
 # Seed of the generator handed to stochastic compressors at inference, so compressed evaluation is reproducible.
 INFERENCE_SELECTION_SEED = 0
@@ -117,14 +118,15 @@ def sample_images(sample: dict) -> list[Image.Image]:
     return [to_pil(image) for image in images]
 
 
-def resolve_compression(model, token_compressor, keep_ratio=None, num_keep=None):
-    """Validate a compressed-inference setting; return `(compressor, k)` or `(None, None)` for full tokens.
+def resolve_compression(model, token_compressor, keep_ratio=None, num_keep=None) -> Compression | None:
+    """Validate a compressed-inference setting; return its [`~hf_sparse_mllm.sparse_forward.Compression`] (seeded,
+    no mode isolator), or `None` for full tokens.
 
     Args:
-        model (`PreTrainedModel`): the unwrapped model (its adapter gives the tokens per image).
+        model (`PreTrainedModel`): the unwrapped model (it needs an architecture adapter to be compressed).
         token_compressor (`str`, [`~hf_sparse_mllm.compressors.TokenCompressor`] or `None`): registry name or instance.
-        keep_ratio (`float`, *optional*): fraction of visual tokens kept per image, in (0, 1].
-        num_keep (`int`, *optional*): absolute number kept per image; overrides `keep_ratio`.
+        keep_ratio (`float`, *optional*): fraction of visual tokens kept per visual unit, in (0, 1].
+        num_keep (`int`, *optional*): visual tokens kept per unit (capped at its size); overrides `keep_ratio`.
     """
     if token_compressor is None:
         if keep_ratio is not None and keep_ratio != 1.0 or num_keep is not None:
@@ -132,7 +134,7 @@ def resolve_compression(model, token_compressor, keep_ratio=None, num_keep=None)
                 f"keep_ratio={keep_ratio} / num_keep={num_keep} need a token_compressor (e.g. 'divprune'); "
                 "pass token_compressor=None without them for full visual tokens."
             )
-        return None, None
+        return None
     compressor = token_compressor
     if not isinstance(compressor, TokenCompressor):
         compressor = get_compressor(token_compressor)
@@ -140,30 +142,35 @@ def resolve_compression(model, token_compressor, keep_ratio=None, num_keep=None)
         raise ValueError(
             f"token_compressor={compressor.name!r} needs keep_ratio (in (0, 1]) or num_keep (visual tokens per image)."
         )
-    adapter = get_adapter(model)
-    k = compressor.budget(
-        num_tokens=adapter.tokens_per_image(),
-        keep_ratio=1.0 if keep_ratio is None else keep_ratio,
-        num_keep=num_keep,
-        grid_size=adapter.grid_size(),
-    )
-    return compressor, k
+    get_adapter(model)  # a model without an adapter fails here, before any generation
+    if num_keep is not None:
+        check_num_keep(num_keep)
+    else:
+        check_keep_ratio(keep_ratio)
+    return Compression(compressor, 1.0 if keep_ratio is None else keep_ratio, num_keep, INFERENCE_SELECTION_SEED)
 
 
-def _compressed_inference(model, inputs: dict, compressor: TokenCompressor | None, k: int | None):
-    """`(inputs, hooks)`: with a compressor, every image span shrunk to `k` placeholders and the adapter's hooks that
-    compress the projector output to `k` tokens (seeded selection, no mode isolator); else the inputs unchanged."""
-    if compressor is None:
-        return inputs, contextlib.nullcontext()
-    adapter = get_adapter(model)
-
-    def compress(features, context):
-        generator = torch.Generator().manual_seed(INFERENCE_SELECTION_SEED)
-        return compressor.compress(features, k, generator=generator, **context)
-
-    return adapter.shrink_image_spans(inputs, k), adapter.apply(
-        SparsePlan(compress=compress, needs=compressor.requires)
-    )
+@contextlib.contextmanager
+def compressed_inputs(model, inputs: dict, compression: Compression | None, stats: dict | None = None):
+    """Yield `inputs` ready for a forward or `generate` call with `compression` (the same sparse forward as a fast
+    training step, without the isolator); `inputs` unchanged for full tokens. `stats`, when given, accumulates
+    `images`, `visual_tokens` and `kept_visual_tokens`."""
+    adapter = get_adapter(model) if compression is not None or stats is not None else None
+    layout = adapter.layout(inputs) if adapter is not None else None
+    if stats is not None:
+        full = sum(run.length for run in layout.runs)
+        stats["images"] = stats.get("images", 0) + layout.num_images
+        stats["visual_tokens"] = stats.get("visual_tokens", 0) + full
+    if compression is None:
+        if stats is not None:
+            stats["kept_visual_tokens"] = stats.get("kept_visual_tokens", 0) + full
+        yield inputs
+        return
+    batch = compress_batch(adapter, inputs, compression, layout)
+    if stats is not None:
+        stats["kept_visual_tokens"] = stats.get("kept_visual_tokens", 0) + sum(batch.kept)
+    with sparse_hooks(adapter, batch, compression), adapter.generation_context(model, batch):
+        yield batch.inputs
 
 
 @torch.inference_mode()
@@ -178,6 +185,7 @@ def generate_from_prompts(
     keep_ratio: float | None = None,
     num_keep: int | None = None,
     generation_kwargs: dict | None = None,
+    stats: dict | None = None,
 ) -> list[str]:
     """Greedy-decode one batch of rendered prompts (left padded); return the decoded, stripped continuations.
 
@@ -189,6 +197,7 @@ def generate_from_prompts(
         max_new_tokens (`int`, *optional*, defaults to `8`): generation limit.
         token_compressor, keep_ratio, num_keep: see [`generate_answers`].
         generation_kwargs (`dict`, *optional*): more `generate` arguments (e.g. `stop_strings`); sampling stays off.
+        stats (`dict`, *optional*): accumulates `images`, `visual_tokens` and `kept_visual_tokens` of the batch.
 
     Returns:
         `list[str]`: one answer per prompt.
@@ -197,7 +206,7 @@ def generate_from_prompts(
         raise ValueError(f"Got {len(prompts)} prompts but {len(images)} image lists; pass one image list per prompt.")
     if not prompts:
         return []
-    compressor, k = resolve_compression(model, token_compressor, keep_ratio, num_keep)
+    compression = resolve_compression(model, token_compressor, keep_ratio, num_keep)
     tokenizer = getattr(processor, "tokenizer", processor)
     flat_images = [image for sample in images for image in sample]
     bos = getattr(tokenizer, "bos_token", None)
@@ -225,11 +234,9 @@ def generate_from_prompts(
     if kwargs.get("stop_strings"):
         kwargs.setdefault("tokenizer", tokenizer)
 
-    inputs, hooks = _compressed_inference(model, inputs, compressor, k)
-    input_len = inputs["input_ids"].shape[1]
-    with hooks:
+    with compressed_inputs(model, inputs, compression, stats) as inputs:
         output = model.generate(**inputs, **kwargs)
-    new_tokens = output[:, input_len:]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -254,7 +261,7 @@ def continuation_logprob(
         `tuple[float, bool]`: the summed log-probability of the continuation's tokens and whether every one of them
         is the arg-max token (lmms-eval's `loglikelihood` contract).
     """
-    compressor, k = resolve_compression(model, token_compressor, keep_ratio, num_keep)
+    compression = resolve_compression(model, token_compressor, keep_ratio, num_keep)
     tokenizer = getattr(processor, "tokenizer", processor)
     bos = getattr(tokenizer, "bos_token", None)
     inputs = processor(
@@ -275,9 +282,8 @@ def continuation_logprob(
         key: (value.to(device, dtype) if torch.is_floating_point(value) else value.to(device))
         for key, value in batch.items()
     }
-    batch, hooks = _compressed_inference(model, batch, compressor, k)
     n = target.shape[1]
-    with hooks:
+    with compressed_inputs(model, batch, compression) as batch:
         logits = model(**batch, use_cache=False).logits
     logits = logits[0, -n - 1 : -1].float()
     target = target[0].to(logits.device)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..adapters import get_adapter
+from .. import model_parts
+from ..adapters import get_adapter, has_adapter
 from ..compressors.redundancy import neighbour_redundancy
-from .bypass import measure_layer_redundancy
+from .bypass import RedundancyMeter
 
 
 @dataclass
@@ -22,8 +25,9 @@ class RedundancyReport:
             (mean over tokens and batches). Near 1: the layer barely changes the residual stream, a skipping candidate.
         visual_token_redundancy (`list[float]`): per visual token position, the mean (over images) of its highest
             cosine similarity to a spatial neighbour of the projected features. Near 1: background-like, removable.
-        grid_size (`tuple[int, int]` or `None`): the patch grid of the visual tokens.
-        num_images (`int`): images seen.
+        grid_size (`tuple[int, int]` or `None`): the patch grid of the visual tokens (the most common one, where
+            visual units have several).
+        num_images (`int`): visual units (images, or tiles) with that grid seen.
     """
 
     layer_similarity: list[float]
@@ -83,7 +87,8 @@ def analyze_redundancy(model, batches, max_batches: int | None = None) -> Redund
     """Run `model` (full depth, all tokens) over `batches` and measure layer and visual-token redundancy.
 
     Args:
-        model (`PreTrainedModel`): a model with a registered architecture adapter (e.g. `LlavaForConditionalGeneration`).
+        model (`PreTrainedModel`): a vision-language model; the visual-token half of the report needs a registered
+            architecture adapter (e.g. `LlavaForConditionalGeneration`), the layer half works for any model.
         batches (`Iterable[dict]`): model inputs, e.g. from `VisionLanguageCollator`.
         max_batches (`int`, *optional*): stop after this many batches.
 
@@ -104,41 +109,67 @@ def analyze_redundancy(model, batches, max_batches: int | None = None) -> Redund
 
     ```
     """
-    adapter = get_adapter(model)
+    layers_meter = RedundancyMeter(len(model_parts.decoder_layers(model)))
+    adapter = get_adapter(model) if has_adapter(model) else None
+    token_sums: dict = {}  # grid -> (summed scores per position, number of units)
     was_training = model.training
     model.eval()
-    layers = adapter.decoder_layers()
-    similarity: dict = {}
-    token_sums, num_images = None, 0
-    grid = adapter.grid_size()
-
-    def on_projector(module, args, output):
-        nonlocal token_sums, num_images
-        if grid is None:
-            return
-        scores = neighbour_redundancy(output.float(), grid).sum(0)
-        token_sums = scores if token_sums is None else token_sums + scores
-        num_images += output.shape[0]
-
-    handle = adapter.projector().register_forward_hook(on_projector)
+    device = next(model.parameters()).device
     try:
-        with measure_layer_redundancy(layers, similarity):
+        with layers_meter.watch(model_parts.decoder(model), model_parts.decoder_layers(model)):
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
-                device = next(model.parameters()).device
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 batch.pop("labels", None)
-                similarity["mask"] = batch.get("attention_mask")
-                model(**batch, use_cache=False)
+                with _token_redundancy(adapter, batch, token_sums):
+                    model(**batch, use_cache=False)
     finally:
-        handle.remove()
         model.train(was_training)
+    # Per-position means need one grid: report the most common one.
+    grid, (sums, units) = max(token_sums.items(), key=lambda item: item[1][1], default=(None, (None, 0)))
     return RedundancyReport(
-        layer_similarity=[round(similarity[i][0] / max(similarity[i][1], 1), 6) for i in range(len(layers))],
-        visual_token_redundancy=[]
-        if token_sums is None
-        else [round(v, 6) for v in (token_sums / num_images).tolist()],
+        layer_similarity=[round(v, 6) for v in layers_meter.means()],
+        visual_token_redundancy=[] if sums is None else [round(v, 6) for v in (sums / units).tolist()],
         grid_size=grid,
-        num_images=num_images,
+        num_images=units,
     )
+
+
+@contextlib.contextmanager
+def _token_redundancy(adapter, batch: dict, token_sums: dict):
+    """Accumulate each grid unit's neighbour redundancy of the projected features during one forward."""
+    if adapter is None or batch.get("input_ids") is None:
+        yield
+        return
+    layout = adapter.layout(batch)
+    module = adapter.feature_module()
+    original = module.get_image_features
+
+    @functools.wraps(original)
+    def get_image_features(*args, **kwargs):
+        output = original(*args, **kwargs)
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in _entries(output.pooler_output)]).float()
+        start = 0
+        starts = []
+        for run in layout.runs:
+            starts.append(start)
+            start += run.length
+        for unit in layout.units:
+            if unit.grid is None or not unit.compress:
+                continue
+            features = flat[starts[unit.run] + unit.offsets.to(flat.device)].unsqueeze(0)
+            scores = neighbour_redundancy(features, unit.grid)[0].cpu()
+            total, count = token_sums.get(unit.grid, (0, 0))
+            token_sums[unit.grid] = (total + scores, count + 1)
+        return output
+
+    module.get_image_features = get_image_features
+    try:
+        yield
+    finally:
+        del module.get_image_features
+
+
+def _entries(features):
+    return [features] if isinstance(features, torch.Tensor) else list(features)

@@ -1,4 +1,4 @@
-"""Run a decoder without some of its layers: a skipped layer's input is passed through unchanged."""
+"""Run a decoder without some of its layers, and measure how much each layer changes its input."""
 
 from __future__ import annotations
 
@@ -37,35 +37,65 @@ def bypass_layers(layers: nn.ModuleList, skip: Iterable[int]) -> Iterator[None]:
                 layer.forward = forward
 
 
-@contextlib.contextmanager
-def measure_layer_redundancy(layers: nn.ModuleList, sink: dict) -> Iterator[None]:
-    """Accumulate, per layer, the cosine similarity between its input and output hidden states over real tokens.
+class RedundancyMeter:
+    """Token-weighted sums of each decoder layer's input/output cosine similarity, over the forwards it watched.
 
-    `sink[i]` becomes `[sum of similarities, number of tokens]`; if the caller puts the forward's `(batch, seq)`
-    attention mask under `sink["mask"]`, padding positions are left out.
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_sparse_mllm.skipping.bypass import RedundancyMeter
+    >>> decoder = torch.nn.Module()
+    >>> decoder.layers = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Linear(4, 4)])
+    >>> meter = RedundancyMeter(2)
+    >>> with meter.watch(decoder, decoder.layers):
+    ...     _ = decoder.layers[1](decoder.layers[0](torch.randn(1, 3, 4)))
+    >>> meter.counts, round(meter.means()[0], 4)
+    ([3, 3], 1.0)
+
+    ```
     """
 
-    def hook(index):
-        def record(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
-            with torch.no_grad():
-                sim = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
-                mask = sink.get("mask")
-                if mask is not None and mask.shape == sim.shape:
-                    keep = mask.to(sim.device).bool()
-                    total, count = float(sim[keep].sum()), int(keep.sum())
-                else:
-                    total, count = float(sim.sum()), sim.numel()
-            entry = sink.setdefault(index, [0.0, 0])
-            entry[0] += total
-            entry[1] += count
+    def __init__(self, num_layers: int):
+        self.sums = [0.0] * num_layers
+        self.counts = [0] * num_layers
 
-        return record
+    def means(self) -> list[float]:
+        return [s / max(c, 1) for s, c in zip(self.sums, self.counts)]
 
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    @contextlib.contextmanager
+    def watch(self, decoder: nn.Module, layers: nn.ModuleList) -> Iterator[RedundancyMeter]:
+        """Record every forward through `layers` within the context.
+
+        `decoder` is the module that runs `layers`: its 2-D `attention_mask` argument, when it gets one, leaves
+        padding positions out of the averages.
+        """
+        mask: list[torch.Tensor | None] = [None]
+
+        def on_decoder(module, args, kwargs):
+            value = kwargs.get("attention_mask")
+            mask[0] = value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+        def on_layer(index):
+            def record(module, args, kwargs, output):
+                hidden_in = args[0] if args else kwargs["hidden_states"]
+                hidden_out = output[0] if isinstance(output, tuple) else output
+                with torch.no_grad():
+                    sim = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+                    if mask[0] is not None and mask[0].shape == sim.shape:
+                        keep = mask[0].to(sim.device).bool()
+                        total, count = float(sim[keep].sum()), int(keep.sum())
+                    else:
+                        total, count = float(sim.sum()), sim.numel()
+                self.sums[index] += total
+                self.counts[index] += count
+
+            return record
+
+        handles = [decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
+        handles += [layer.register_forward_hook(on_layer(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
