@@ -338,6 +338,7 @@ FAMILIES = {
         )
         for family in ("idefics3", "smolvlm")
     },
+    "internvl": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 48)),
     "gemma3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16), extra_inputs=frozenset({"token_type_ids"})),
     "paligemma": FamilyCase(
         sizes=((40, 30), (30, 60)),

@@ -14,11 +14,28 @@ True
 ```
 
 Each family's module docstring records its geometry: visual tokens per image, the placeholder layout in
-`input_ids`, the extra inputs its processor returns and the type of `get_image_features(...).pooler_output`.
+`input_ids`, the extra inputs its processor returns and the type of `get_image_features(...).pooler_output`. With
+the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x height; Qwen: 64 x 48 and 48 x 96):
+
+| family | module | visual tokens | units in `input_ids` | extra processor outputs | `pooler_output` |
+|---|---|---|---|---|---|
+| `llava` | `llava` | 16, 16 | one run per image | - | list per image |
+| `llava_next` | `llava_next` | 44, 56 | one run per image | `image_sizes` | list per image |
+| `llava_onevision` | `llava_next` | 44, 56 (17 each in a multi-image sample) | one run per image | `image_sizes`, `batch_num_images` | list per image |
+| `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl` | `qwen` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
+| `idefics3`, `smolvlm` | `idefics` | 80, 48 (100 x 20) | one run of 16 per tile, tiles separated by text | `pixel_attention_mask` | list per batch row |
+| `internvl` | `internvl` | 16, 48 | one run per image, between `<img>` and `</img>` | - | tensor `(tiles, 16, hidden)` |
+| `gemma3` | `gemma` | 16, 16 | one run per image, between start and end tokens | `token_type_ids` | tensor `(images, 16, hidden)` |
+| `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
+
+Processors that hold a video processor in `transformers` (Qwen family, LLaVA-OneVision, SmolVLM, InternVL) are
+replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor needs torchvision.
+Mistral3 is not built: its `PixtralProcessor` cannot even be imported without torchvision.
 """
 
 from .gemma import build_tiny_gemma3, build_tiny_paligemma
 from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
+from .internvl import ImageOnlyInternVLProcessor, build_tiny_internvl
 from .llava import (
     TINY_LLAVA_PRESETS,
     TinyLlavaPreset,
@@ -40,6 +57,7 @@ from .tokenizer import CHAT_TEMPLATE, build_word_tokenizer, make_chat_template
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "ImageOnlyInternVLProcessor",
     "ImageOnlyLlavaOnevisionProcessor",
     "ImageOnlyQwen2VLProcessor",
     "ImageOnlyQwen2_5_VLProcessor",
@@ -49,6 +67,7 @@ __all__ = [
     "TinyLlavaPreset",
     "build_tiny_gemma3",
     "build_tiny_idefics3",
+    "build_tiny_internvl",
     "build_tiny_llava",
     "build_tiny_llava_and_processor",
     "build_tiny_llava_next",

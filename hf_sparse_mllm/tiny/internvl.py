@@ -1,0 +1,189 @@
+"""Tiny InternVL (`internvl`): dynamic tiling plus a thumbnail, pixel-shuffle projector, Qwen2 decoder.
+
+Geometry (defaults): 32 px tiles, 4 px patches (64 patches) pixel-shuffled by `downsample_ratio=0.5` to 16 visual
+tokens per tile. [`~transformers.GotOcr2ImageProcessorPil`] with `crop_to_patches` splits each image into the grid
+of at most `max_tiles=4` tiles that best fits its aspect ratio and, when there is more than one tile, adds a
+thumbnail of the whole image: 1 tile (16 tokens) for a 40 x 30 (width x height) image, 2 + 1 (48) for 30 x 60,
+4 + 1 (80) for 64 x 64 or 100 x 20.
+
+The chat template writes `<IMG_CONTEXT>` (the placeholder InternVL's processor counts and expands); each image
+becomes one run `<img> <IMG_CONTEXT> x (16 * tiles) </img>`. The processor returns only `input_ids`,
+`attention_mask` and `pixel_values` `(tiles of all images, 3, 32, 32)`, so the tiles of each image are known only
+from the placeholder counts. `get_image_features(...).pooler_output` is a tensor `(tiles, 16, hidden)`.
+
+[`ImageOnlyInternVLProcessor`] is the stock processor without its torchvision-only video processor (see
+`register_processor` in `_common.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transformers import (
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVisionConfig,
+    Qwen2Config,
+)
+
+from ._common import init_tiny_model, register_processor, text_config_kwargs
+from .registry import register_tiny_family
+from .tokenizer import build_word_tokenizer, make_chat_template
+
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+@register_processor
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """
+    [`~transformers.InternVLProcessor`] without its video processor, so it builds and reloads without `torchvision`
+    (see `register_processor`). Images and text are processed exactly as by the parent class.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_internvl
+    >>> _, processor = build_tiny_internvl(words=["red"])
+    >>> type(processor).__name__, processor.image_token, processor.image_seq_length
+    ('ImageOnlyInternVLProcessor', '<IMG_CONTEXT>', 16)
+    ```
+    """
+
+    def __init__(
+        self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs
+    ):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            video_processor=None,
+            image_seq_length=image_seq_length,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+@register_tiny_family("internvl")
+def build_tiny_internvl(
+    *,
+    words: Iterable[str],
+    seed: int = 0,
+    padding_side: str = "right",
+    image_size: int = 32,
+    patch_size: int = 4,
+    max_tiles: int = 4,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[InternVLForConditionalGeneration, ImageOnlyInternVLProcessor]:
+    """
+    Build a tiny InternVL (InternViT-style tower, pixel-shuffle projector, Qwen2 decoder, dynamic tiling) and its
+    image-only processor, offline.
+
+    Args:
+        words (`Iterable[str]`):
+            Vocabulary words, see [`build_word_tokenizer`].
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of the tokenizer.
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of a tile (the vision tower's input).
+        patch_size (`int`, *optional*, defaults to `4`):
+            Patch side of the vision tower; `(image_size // patch_size) ** 2 / 4` visual tokens per tile.
+        max_tiles (`int`, *optional*, defaults to `4`):
+            Most tiles per image (a thumbnail is added when there are several).
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 2x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation (`"sdpa"` or `"eager"`).
+
+    Returns:
+        `tuple[InternVLForConditionalGeneration, ImageOnlyInternVLProcessor]`: the model (float32, eval mode) and
+        processor.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_internvl
+    >>> model, processor = build_tiny_internvl(words=["what", "color", "red"])
+    >>> inputs = processor(text=["<IMG_CONTEXT> what color ?"], images=[Image.new("RGB", (30, 60))], return_tensors="pt")
+    >>> inputs["pixel_values"].shape, (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    (torch.Size([3, 3, 32, 32]), 48)
+    >>> processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, [0, 1, 49, 50]].tolist())
+    ['<img>', '<IMG_CONTEXT>', '</img>', 'what']
+    ```
+    """
+    if image_size % (2 * patch_size):
+        raise ValueError(
+            f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 0.5), got image_size={image_size}, "
+            f"patch_size={patch_size}"
+        )
+    placeholder = INTERNVL_TOKENS["context_image_token"]
+    tokenizer = build_word_tokenizer(
+        words,
+        named_special_tokens=INTERNVL_TOKENS,
+        chat_template=make_chat_template(placeholder),
+        padding_side=padding_side,
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+    )
+    image_seq_length = (image_size // patch_size) ** 2 // 4
+    processor = ImageOnlyInternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=image_seq_length,
+        chat_template=make_chat_template(placeholder),
+    )
+    vision_config = InternVLVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=num_attention_heads,
+        image_size=[image_size, image_size],
+        patch_size=[patch_size, patch_size],
+    )
+    text_config = Qwen2Config(
+        **text_config_kwargs(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+        )
+    )
+    config = InternVLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    model = init_tiny_model(
+        InternVLForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    )
+    return model, processor
