@@ -350,7 +350,8 @@ FAMILIES = {
 
 
 def test_every_family_is_registered_and_tested():
-    assert set(FAMILIES) <= set(list_tiny_families())
+    # `docs_llava` is registered by the `register_tiny_family` docstring example.
+    assert set(list_tiny_families()) - {"docs_llava"} == set(FAMILIES)
     with pytest.raises(ValueError, match="Unknown tiny family 'qwen9'; choose one of"):
         build_tiny_model_and_processor("qwen9", words=WORDS)
     with pytest.raises(TypeError, match=r"'hidden_sise' \(did you mean 'hidden_size'\?\)"):
@@ -451,6 +452,22 @@ def test_family_processor_renders_conversations(family):
         expected[1] = 2 * (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 2
     assert image_tokens == expected
     assert processor.tokenizer.unk_token_id not in batch["input_ids"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_seed_and_padding_side(family):
+    rng_state = torch.random.get_rng_state()
+    model, processor = build_tiny_model_and_processor(family, words=WORDS, seed=1, padding_side="left")
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # the caller's RNG is left alone
+    again, _ = build_tiny_model_and_processor(family, words=WORDS, seed=1)
+    reference, _ = _family(family)  # seed 0
+    assert model.training is False and all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert not torch.equal(model.get_output_embeddings().weight, reference.get_output_embeddings().weight)
+    batch = _process(processor, _family_samples(FAMILIES[family]))
+    assert (batch["attention_mask"][:, 0] == 0).any() and (batch["attention_mask"][:, -1] == 1).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
