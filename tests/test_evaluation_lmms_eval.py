@@ -1,8 +1,7 @@
 """lmms-eval itself, with our plugin, gives the numbers of the built-in evaluator (slow: installs lmms-eval from PyPI).
 
-`make install-lmms-eval LMMS_EVAL_TARGET=<tmp>` installs lmms-eval and the modules it needs with `--no-deps` into a
-temporary folder, so the venv's CPU torch is never replaced. lmms-eval then runs in a subprocess with that folder on
-`PYTHONPATH`, finds the `sparse_mllm` model through the `lmms_eval.models` entry point of this package, and evaluates
+lmms-eval is installed into a temporary folder (`lmms_eval_install`) and runs in a subprocess with that folder on
+`PYTHONPATH`; it finds the `sparse_mllm` model through the `lmms_eval.models` entry point of this package, and evaluates
 task YAMLs exported by `export_lmms_eval_task` on local datasets, with full and with compressed visual tokens.
 """
 
@@ -10,14 +9,13 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import version
 
 import pytest
-from test_evaluation import REPO, save_vqa, two_answer_model
+from lmms_eval_install import install_lmms_eval, lmms_eval_env
+from test_evaluation import save_vqa, two_answer_model
 
 from hf_sparse_mllm.evaluation import evaluate, get_task, metric_values
 from hf_sparse_mllm.evaluation.lmms_eval_plugin import export_lmms_eval_task
@@ -27,18 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lmms_eval_path(tmp_path_factory):
-    torch_before = version("torch")
-    target = tmp_path_factory.mktemp("lmms_eval_pkgs")
-    # `-o install`: the venv is already set up (this test runs inside it); do not reinstall it from here.
-    subprocess.run(
-        ["make", "-C", str(REPO), "-o", "install", "install-lmms-eval", f"LMMS_EVAL_TARGET={target}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    assert version("torch") == torch_before
-    installed = os.listdir(target)
-    assert "lmms_eval" in installed and not {"torch", "torchvision"} & set(installed)
+    target = install_lmms_eval(tmp_path_factory.mktemp("lmms_eval_pkgs"))
     # Checked away from the repository root, where a stale `*.egg-info` from an old build could shadow the
     # installed metadata (lmms-eval runs from a temporary folder below for the same reason).
     check = (
@@ -46,13 +33,7 @@ def lmms_eval_path(tmp_path_factory):
     )
     names = subprocess.run([sys.executable, "-c", check], cwd=target, capture_output=True, text=True).stdout
     assert "sparse_mllm" in names, "the package's entry points are stale: reinstall it with `make install`"
-    return str(target)
-
-
-def _env(lmms_eval_path: str) -> dict:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=lmms_eval_path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +72,9 @@ def test_lmms_eval_matches_builtin_evaluator(lmms_eval_path, setup, compression)
         "--tasks", "sparse_vqa_local,pope_local", "--include_path", str(root / "tasks"), "--batch_size", "4",
         "--output_path", str(out), "--log_samples",
     ]  # fmt: skip
-    run = subprocess.run(command, cwd=root, env=_env(lmms_eval_path), capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        command, cwd=root, env=lmms_eval_env(lmms_eval_path), capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (results_file,) = glob.glob(str(out / "*" / "*_results.json"))
     theirs = json.load(open(results_file))
@@ -163,6 +146,11 @@ def test_plugin_loglikelihood_and_multi_round(lmms_eval_path, setup):
         """
     )
     run = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, env=_env(lmms_eval_path), capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script],
+        cwd=root,
+        env=lmms_eval_env(lmms_eval_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

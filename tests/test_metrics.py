@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
+import re
+import string
+
 import pytest
 
+from hf_sparse_mllm.evaluation import metrics
 from hf_sparse_mllm.evaluation.metrics import (
     MME_COGNITION_CATEGORIES,
     MME_PERCEPTION_CATEGORIES,
@@ -25,15 +30,41 @@ from hf_sparse_mllm.evaluation.metrics import (
         ("yes", "yes", 1.0),
         ("Yes.", "yes", 1.0),  # case and punctuation ignored
         (" yes \n", "yes", 1.0),  # the harness strips the generation
+        ("\tYes.\r\n", "yes", 1.0),
+        ("yes", " yes", 0.0),  # but not the target
+        ("yes", "yes\n", 0.0),
         ("t-shirt", "tshirt", 1.0),  # punctuation is deleted, not replaced by a space
+        ("2.5", "25", 1.0),  # periods between digits too
+        ("don't", "dont", 1.0),  # so is the apostrophe of a contraction
         ("t shirt", "tshirt", 0.0),  # inner whitespace counts
+        ("yes  no", "yes no", 0.0),
         ("yes .", "yes", 0.0),  # "yes ." -> "yes "
         ("two", "2", 0.0),  # no number normalisation in GQA
+        ("the dog", "dog", 0.0),  # nor article removal
         ("left", "right", 0.0),
     ],
 )
 def test_exact_match_gqa_defaults(prediction, target, expected):
     assert exact_match(prediction, target) == expected
+
+
+@pytest.mark.parametrize("mark", list(string.punctuation))
+def test_exact_match_deletes_each_ascii_punctuation_mark(mark):
+    assert exact_match(f"{mark}ye{mark}s{mark}", "yes") == 1.0
+    assert exact_match("yes", f"{mark}yes") == 1.0
+    assert exact_match(f"ye{mark}s", "yes", ignore_punctuation=False) == 0.0
+
+
+def test_exact_match_numpy_string_quirks():
+    # lmms-eval compares NumPy string arrays: trailing NULs are not part of the value ...
+    assert exact_match("yes\x00", "yes") == 1.0
+    assert exact_match("yes!\x00", "yes") == 1.0
+    assert exact_match("y\x00es", "yes") == 0.0
+    # ... and np.char.lower keeps the array's width, cutting a lower-case form that is longer ("İ" -> "i̇").
+    assert exact_match("İ", "i") == 1.0
+    assert exact_match("İx", "i̇x") == 0.0
+    assert exact_match("İ", "i̇", ignore_case=False) == 0.0
+    assert exact_match("ΑΣ", "ας") == 1.0  # context-dependent lower-casing (final sigma), as str.lower
 
 
 def test_exact_match_flags():
@@ -51,19 +82,31 @@ def test_exact_match_flags():
     [
         ("Two", "2"),  # number words to digits, lower-case
         ("none", "0"),
+        ("ten", "10"),
+        ("eleven", "eleven"),
         ("a dog", "dog"),  # articles dropped
         ("The cat", "cat"),
+        ("an apple", "apple"),
         ("dont", "don't"),  # contractions table
-        ("1,000", "1000"),  # commas deleted
+        ("Isnt it", "isn't it"),
+        ("youre", "you're"),
+        ("don't", "don't"),
+        ("Im", "im"),  # capitalised keys of the table never match
+        ("somebody'd", "somebodyd"),  # the table maps this one the wrong way round
+        ("1,000", "1000"),  # a digit-comma-digit: every mark is deleted
+        ("1,000 dogs, cats", "1000 dogs cats"),
+        ("red,blue", "red blue"),  # otherwise a mark not touching a space becomes a space
+        ("red / blue", "red blue"),  # and one touching a space is deleted
+        ("red/blue", "red blue"),
+        ("t-shirt", "t shirt"),
+        ("what?", "what"),
         ("3.5", "3.5"),  # a period before a digit stays
         ("yes.", "yes"),  # other periods go
         ("3.", "3"),
-        ("what?", "what"),
-        ("red/blue", "red blue"),  # punctuation not touching a space becomes a space
-        ("red / blue", "red blue"),  # punctuation touching a space is deleted
-        ("t-shirt", "t shirt"),
-        ("dog's", "dog 's"),  # "'s" split off the word
+        ("dog's", "dog's"),  # apostrophes and colons are kept
+        ("10:30", "10:30"),
         ("  Black\tand\nwhite ", "black and white"),
+        ("black  and   white", "black and white"),
         ("." * 40, "." * 8),  # the reference removes at most 32 periods
     ],
 )
@@ -101,7 +144,7 @@ def test_vqa_leave_one_out_values():
     "prediction, answers, expected",
     [
         ("two", _answers("2", 3), 0.9),  # number word in the prediction
-        ("2", _answers("two", 3), 0.9),  # and in the answers (they differ, so they are normalised)
+        ("2", _answers("two", 3), 0.9),  # and in the answers
         ("a dog", _answers("dog", 3), 0.9),
         ("dog", _answers("the dog", 3), 0.9),
         ("dont", _answers("don't", 4, other="no"), 1.0),
@@ -113,24 +156,34 @@ def test_vqa_leave_one_out_values():
         ("3", _answers("3.5", 4, other="3"), 1.0),
         ("Yes.", ["yes"] * 10, 1.0),
         ("  Dog\n", _answers("dog", 3), 0.9),
+        ("dog", _answers("\tdog \n", 3), 0.9),  # answers are stripped too
     ],
 )
 def test_vqa_normalisation_cases(prediction, answers, expected):
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
 
 
-def test_vqa_answers_normalised_only_when_they_differ():
-    # Identical answers are compared raw (whitespace-stripped only), as lmms-eval does.
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0  # prediction becomes "2", answers stay "two"
-    assert vqa_accuracy("dog", ["Dog"] * 10) == 0.0
-    assert vqa_accuracy("dog", [" dog\n"] * 10) == 1.0
-    # As soon as one answer differs, all of them are normalised (lower-cased here).
-    assert vqa_accuracy("dog", ["Dog"] * 9 + ["cat"]) == 1.0
-
-
-def test_vqa_possessive_quirk():
-    # The prediction's "'s" is split off ("dog 's"), the answers' is not: lmms-eval never matches "dog's".
-    assert vqa_accuracy("dog's", ["dog's"] * 5 + ["dog"] * 5) == 0.0
+@pytest.mark.parametrize(
+    "prediction, answers",
+    [
+        # Contractions, with and without the apostrophe, on either side.
+        ("dont", ["dont"] * 10),
+        ("don't", ["dont"] * 10),
+        ("isnt", ["isn't"] * 10),
+        ("isn't", ["isnt"] * 10),
+        ("youre", ["youre"] * 10),
+        ("You're", ["youre"] * 10),
+        # Identical answers are normalised like any others.
+        ("two", ["two"] * 10),
+        ("dog", ["Dog"] * 10),
+        ("dog", ["the dog."] * 10),
+        # "'s" is not split off the prediction's word.
+        ("dog's", ["dog's"] * 10),
+        ("dog's", ["dog's"] * 5 + ["dog"] * 5),
+    ],
+)
+def test_vqa_answers_always_normalised(prediction, answers):
+    assert vqa_accuracy(prediction, answers) == 1.0
 
 
 def test_vqa_needs_answers():
@@ -299,3 +352,17 @@ def test_mme_rejects_non_yes_no_answers():
 )
 def test_scienceqa_match(prediction, target, expected):
     assert scienceqa_match(prediction, target) == expected
+
+
+def test_docstring_examples():
+    class FencedParser(doctest.DocTestParser):
+        """Ignore the ```python fences around HF-style examples."""
+
+        def parse(self, string, name="<string>"):
+            return super().parse(re.sub(r"(?m)^[ \t]*```.*$", "", string), name)
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder(parser=FencedParser()).find(metrics):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0 and results.failed == 0

@@ -35,6 +35,13 @@ __all__ = [
 _ALL_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+def _numpy_lower(text: str) -> str:
+    """`str.lower` as `np.char.lower` applies it to a one-string array: the result keeps the input's width."""
+    # A character whose lower-case form is longer ("İ" -> "i" + combining dot) is cut to the array's width, the
+    # length of the input string, so "İ" lower-cases to "i" but "İ\x00" (one more slot) to "i̇".
+    return text.rstrip("\0").lower()[: len(text)]
+
+
 def exact_match(prediction: str, target: str, ignore_case: bool = True, ignore_punctuation: bool = True) -> float:
     """GQA accuracy of one prediction: 1.0 if it equals the target after the optional normalisations, else 0.0.
 
@@ -43,11 +50,14 @@ def exact_match(prediction: str, target: str, ignore_case: bool = True, ignore_p
     (`ignore_case: true`, `ignore_punctuation: true`):
 
     - the prediction is stripped of surrounding whitespace (done by lmms-eval's harness, not by the metric); the
-      target is not;
+      target is not, so a target `"yes "` never matches;
     - `ignore_case` lower-cases both strings;
     - `ignore_punctuation` deletes every character of `string.punctuation` from both (deleted, not replaced by a
       space, so `"t-shirt"` equals `"tshirt"`);
     - nothing else: inner whitespace is kept (`"yes ."` becomes `"yes "`) and number words are not mapped to digits.
+
+    The metric runs on NumPy string arrays, and this function keeps their two quirks: trailing NUL characters are
+    ignored (`"yes\\x00"` equals `"yes"`), and lower-casing cannot lengthen a string (see `_numpy_lower`).
 
     Args:
         prediction (`str`):
@@ -66,21 +76,23 @@ def exact_match(prediction: str, target: str, ignore_case: bool = True, ignore_p
 
     ```python
     >>> from hf_sparse_mllm.evaluation.metrics import exact_match
-    >>> exact_match("Yes.", "yes"), exact_match("Yes.", "yes", ignore_case=False)
-    (1.0, 0.0)
+    >>> exact_match(" Yes.\\n", "yes"), exact_match("Yes.", "yes", ignore_case=False), exact_match("yes", " yes")
+    (1.0, 0.0, 0.0)
     ```
     """
     prediction = prediction.strip()
     if ignore_case:
-        prediction, target = prediction.lower(), target.lower()
+        prediction, target = _numpy_lower(prediction), _numpy_lower(target)
     if ignore_punctuation:
         prediction, target = prediction.translate(_ALL_PUNCTUATION), target.translate(_ALL_PUNCTUATION)
-    return float(prediction == target)
+    # NumPy string arrays drop trailing NULs, also those that deleted punctuation leaves at the end.
+    return float(prediction.rstrip("\0") == target.rstrip("\0"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# VQAv2: EvalAI answer normalisation (lmms_eval/tasks/_task_utils/vqa_eval_metric.py, itself from the official VQA
-# evaluation code) and the leave-one-out accuracy of lmms_eval/tasks/vqav2/utils.py.
+# VQAv2: EvalAI answer normalisation (`process_punctuation` and `process_digit_article` of `EvalAIAnswerProcessor` in
+# lmms_eval/tasks/_task_utils/vqa_eval_metric.py, itself from the official VQA evaluation code) and the leave-one-out
+# accuracy of lmms_eval/tasks/vqav2/utils.py.
 
 # The official table, kept verbatim: the capitalised keys can never match (words are lower-cased first) and
 # "somebody'd" maps the wrong way round; both are part of the reference behaviour.
@@ -168,23 +180,25 @@ def _vqa_process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """Normalise a generated VQA answer as lmms-eval's `EvalAIAnswerProcessor.__call__` does.
+    """Normalise a VQAv2 answer, generated or human, as lmms-eval's `vqav2_process_results` does.
 
-    Steps, in order (`lmms_eval/tasks/_task_utils/vqa_eval_metric.py`):
+    Steps, in order (`lmms_eval/tasks/vqav2/utils.py` with the `EvalAIAnswerProcessor` methods of
+    `lmms_eval/tasks/_task_utils/vqa_eval_metric.py`):
 
-    1. lower-case; delete every `","` and `"?"`; split `"'s"` off its word (`"dog's"` becomes `"dog 's"`); strip;
-    2. turn newlines and tabs into spaces; strip;
-    3. punctuation: each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted if it touches a space in the
-       text or if the text contains a digit-comma-digit, and is replaced by a space otherwise; then every period
-       not followed by a digit is deleted (at most 32 of them, see `_PERIOD_STRIP_COUNT`);
-    4. lower-case, split on whitespace, map `none`/`zero`..`ten` to digits, drop `a`/`an`/`the`, expand
-       contractions from the official table (`"dont"` to `"don't"`), join with single spaces.
+    1. turn newlines and tabs into spaces; strip;
+    2. punctuation (`process_punctuation`): each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted if it
+       touches a space in the text or if the text contains a digit-comma-digit, and is replaced by a space
+       otherwise; then every period not followed by a digit is deleted (at most 32 of them, see
+       `_PERIOD_STRIP_COUNT`);
+    3. `process_digit_article`: lower-case, split on whitespace, map `none`/`zero`..`ten` to digits, drop
+       `a`/`an`/`the`, expand contractions from the official table (`"dont"` to `"don't"`), join with single spaces.
 
-    lmms-eval applies this to predictions only; reference answers get steps 3 and 4 alone, see `vqa_accuracy`.
+    The processor's full `__call__` (lower-case first, delete commas and question marks, split `"'s"` off its word)
+    is not used by lmms-eval's VQAv2 task, so `"dog's"` stays `"dog's"` and `"red,blue"` becomes `"red blue"`.
 
     Args:
         text (`str`):
-            A generated answer.
+            An answer.
 
     Returns:
         `str`: the normalised answer.
@@ -193,11 +207,10 @@ def normalize_vqa_answer(text: str) -> str:
 
     ```python
     >>> from hf_sparse_mllm.evaluation.metrics import normalize_vqa_answer
-    >>> normalize_vqa_answer("Two dogs."), normalize_vqa_answer("1,000"), normalize_vqa_answer("3.5")
-    ('2 dogs', '1000', '3.5')
+    >>> normalize_vqa_answer("Two dogs."), normalize_vqa_answer("1,000"), normalize_vqa_answer("Isnt it?")
+    ('2 dogs', '1000', "isn't it")
     ```
     """
-    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _vqa_process_digit_article(_vqa_process_punctuation(text))
 
@@ -207,18 +220,11 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
 
     Reproduces `vqav2_process_results` in `lmms_eval/tasks/vqav2/utils.py`:
 
-    - the prediction goes through `normalize_vqa_answer` (the full EvalAI processor);
-    - each answer has newlines/tabs turned into spaces and is stripped;
-    - **only if the answers are not all identical** are they normalised (punctuation + digit/article steps, without
-      the lower-casing/comma/`'s` first step), and the prediction then goes through those two steps a second time.
-      When all answers agree they are compared raw: answers `["two"] * 10` score 0 for the prediction `"two"`,
-      which normalises to `"2"`;
+    - the prediction (stripped by the harness) and every answer go through `normalize_vqa_answer`, always: unlike
+      the official VQA evaluation code, lmms-eval normalises the answers even when they are all identical;
     - for each answer i, acc_i = min(1, #(other answers equal to the prediction) / 3); the result is the mean of
-      the acc_i. lmms-eval leaves one answer out by dict identity, and VQAv2 answer dicts are unique through their
-      `answer_id`, so leaving out by position is the same rule.
-
-    A consequence worth knowing: the prediction's `"'s"` is split off (`"dog 's"`) but the answers' is not, so the
-    prediction `"dog's"` never matches the answer `"dog's"`. lmms-eval scores it 0 too.
+      the acc_i. lmms-eval leaves answer i out by comparing answer dicts, which VQAv2's `answer_id` makes unique, so
+      leaving out by position is the same rule (answer dicts without an id would leave out every equal answer).
 
     Args:
         prediction (`str`):
@@ -241,10 +247,7 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer, got an empty list")
     pred = normalize_vqa_answer(prediction.strip())
-    refs = [answer.replace("\n", " ").replace("\t", " ").strip() for answer in answers]
-    if len(set(refs)) > 1:
-        refs = [_vqa_process_digit_article(_vqa_process_punctuation(ref)) for ref in refs]
-        pred = _vqa_process_digit_article(_vqa_process_punctuation(pred))
+    refs = [normalize_vqa_answer(answer) for answer in answers]
     per_answer = []
     for left_out in range(len(refs)):
         matches = sum(1 for i, ref in enumerate(refs) if i != left_out and ref == pred)
