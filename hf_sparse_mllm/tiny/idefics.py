@@ -84,6 +84,12 @@ class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
         return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
 
+_CLASSES = {
+    "idefics3": (Idefics3ImageProcessorPil, Idefics3Processor, Idefics3Config, Idefics3ForConditionalGeneration),
+    "smolvlm": (SmolVLMImageProcessorPil, ImageOnlySmolVLMProcessor, SmolVLMConfig, SmolVLMForConditionalGeneration),
+}
+
+
 def _build(
     family: str,
     *,
@@ -157,12 +163,6 @@ def _build(
     )
     model = init_tiny_model(model_class, config, tokenizer, seed=seed, attn_implementation=attn_implementation)
     return model, processor
-
-
-_CLASSES = {
-    "idefics3": (Idefics3ImageProcessorPil, Idefics3Processor, Idefics3Config, Idefics3ForConditionalGeneration),
-    "smolvlm": (SmolVLMImageProcessorPil, ImageOnlySmolVLMProcessor, SmolVLMConfig, SmolVLMForConditionalGeneration),
-}
 
 
 @register_tiny_family("idefics3")

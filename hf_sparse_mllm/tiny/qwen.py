@@ -54,7 +54,19 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 @register_processor
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """[`~transformers.Qwen2VLProcessor`] without its video processor, so it builds and reloads without `torchvision`."""
+    """
+    [`~transformers.Qwen2VLProcessor`] without its video processor, so it builds and reloads without `torchvision` (see
+    `register_processor`). Images and text are processed exactly as by the parent class.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen2_vl
+    >>> _, processor = build_tiny_qwen2_vl(words=["red"])
+    >>> type(processor).__name__, processor.get_attributes()
+    ('ImageOnlyQwen2VLProcessor', ['image_processor', 'tokenizer'])
+    ```
+    """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
@@ -62,8 +74,19 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 @register_processor
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """[`~transformers.Qwen2_5_VLProcessor`] without its video processor, so it builds and reloads without
-    `torchvision`."""
+    """
+    [`~transformers.Qwen2_5_VLProcessor`] without its video processor, so it builds and reloads without `torchvision` (see
+    `register_processor`). Images and text are processed exactly as by the parent class.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen2_5_vl
+    >>> _, processor = build_tiny_qwen2_5_vl(words=["red"])
+    >>> type(processor).__name__, processor.get_attributes()
+    ('ImageOnlyQwen2_5_VLProcessor', ['image_processor', 'tokenizer'])
+    ```
+    """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
@@ -71,7 +94,19 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
 @register_processor
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """[`~transformers.Qwen3VLProcessor`] without its video processor, so it builds and reloads without `torchvision`."""
+    """
+    [`~transformers.Qwen3VLProcessor`] without its video processor, so it builds and reloads without `torchvision` (see
+    `register_processor`). Images and text are processed exactly as by the parent class.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen3_vl
+    >>> _, processor = build_tiny_qwen3_vl(words=["red"])
+    >>> type(processor).__name__, processor.get_attributes()
+    ('ImageOnlyQwen3VLProcessor', ['image_processor', 'tokenizer'])
+    ```
+    """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
