@@ -327,7 +327,6 @@ class FamilyCase:
     sizes: tuple[tuple[int, int], tuple[int, int]]  # (width, height) of two images
     counts: tuple[int, int]  # visual tokens (placeholders in `input_ids`) of each
     extra_inputs: frozenset[str] = frozenset()  # processor outputs beyond input_ids, attention_mask, pixel_values
-    multi_image: bool = True  # whether a sample may hold several images
     text_only: bool = True  # whether a batch may hold text-only samples
 
 
@@ -386,7 +385,7 @@ def _family(name: str):
 
 
 def _family_samples(case: FamilyCase) -> list[dict]:
-    """One image, two images (where supported) and text only (where supported), with answers of different lengths."""
+    """One image, two images and text only (where supported), with answers of different lengths."""
     first, second = (
         Image.new("RGB", size, colour) for size, colour in zip(case.sizes, [(200, 30, 30), (30, 30, 200)])
     )
@@ -399,19 +398,18 @@ def _family_samples(case: FamilyCase) -> list[dict]:
             ],
         }
     ]
-    if case.multi_image:
-        two = [
-            {"type": "image"},
-            {"type": "text", "text": "is the object"},
-            {"type": "image"},
-            {"type": "text", "text": "red ?"},
-        ]
-        samples.append(
-            {
-                "images": [first, second],
-                "messages": [{"role": "user", "content": two}, {"role": "assistant", "content": "a red object"}],
-            }
-        )
+    two = [
+        {"type": "image"},
+        {"type": "text", "text": "is the object"},
+        {"type": "image"},
+        {"type": "text", "text": "red ?"},
+    ]
+    samples.append(
+        {
+            "images": [first, second],
+            "messages": [{"role": "user", "content": two}, {"role": "assistant", "content": "a red object"}],
+        }
+    )
     if case.text_only:
         samples.append(
             {
@@ -461,10 +459,9 @@ def test_family_processor_renders_conversations(family):
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values", *case.extra_inputs}
     assert all(isinstance(v, torch.Tensor) for v in batch.values())
     image_tokens = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    expected = [case.counts[0], *([sum(case.counts)] if case.multi_image else []), *([0] if case.text_only else [])]
-    # LLaVA-OneVision gives no anyres grid to the images of a multi-image sample.
-    if family == "llava_onevision":
-        expected[1] = 2 * (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 2
+    # LLaVA-OneVision gives no anyres grid to the images of a multi-image sample: base tile plus a newline each.
+    two_images = 2 * (16 + 1) if family == "llava_onevision" else sum(case.counts)
+    expected = [case.counts[0], two_images, *([0] if case.text_only else [])]
     assert image_tokens == expected
     assert processor.tokenizer.unk_token_id not in batch["input_ids"]
 
