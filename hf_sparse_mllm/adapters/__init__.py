@@ -12,11 +12,23 @@ from .base import (
     supported_model_types,
     whole_run_units,
 )
+from .gemma3 import Gemma3Adapter
+from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
 __all__ = [
     "ArchitectureAdapter",
+    "Gemma3Adapter",
+    "Idefics3Adapter",
+    "InternVLAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "Qwen3VLAdapter",
+    "QwenVLAdapter",
     "PlaceholderRun",
     "VisualLayout",
     "VisualUnit",

@@ -15,7 +15,6 @@ A new architecture is one file: subclass [`ArchitectureAdapter`], override what 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -217,28 +216,28 @@ class ArchitectureAdapter:
 
     def layout(self, inputs: dict) -> VisualLayout:
         """The batch's [`VisualLayout`], checked against its images: a mismatch is a `ValueError` naming the rows."""
+        return self.make_layout(inputs, self.run_lengths(inputs), self.units)
+
+    def make_layout(self, inputs: dict, lengths: list[int] | None, units_of) -> VisualLayout:
+        """Cut the placeholder spans into runs of `lengths` (the spans themselves when `None`) and divide them into
+        units with `units_of(inputs, runs)`."""
         input_ids = inputs["input_ids"]
         spans = [
             (row, start, length)
             for row in range(input_ids.shape[0])
             for start, length in _true_runs(input_ids[row] == self.image_token_id)
         ]
-        lengths = self.run_lengths(inputs)
         if lengths is None:
             lengths = [length for _, _, length in spans]
         runs = _split_spans(spans, lengths, self.image_token_id)
         images = self.images_of_runs(inputs, len(runs))
         runs = [PlaceholderRun(row, start, length, image) for (row, start, length), image in zip(runs, images)]
-        return VisualLayout(runs, self.units(inputs, runs) if runs else [])
+        return VisualLayout(runs, units_of(inputs, runs) if runs else [])
 
     def full_position_ids(self, inputs: dict) -> torch.Tensor | None:
         """M-RoPE families: the `(3, batch, seq)` position ids of the full (uncompressed) batch; `None` for 1-D
         positions (the shortened sequence then gets contiguous positions, as the language model sees it)."""
         return None
-
-    def generation_context(self, model: nn.Module, batch) -> contextlib.AbstractContextManager:
-        """Context for `model.generate` on a compressed batch (M-RoPE families keep their positions while decoding)."""
-        return contextlib.nullcontext()
 
     # -- what some compressors need --------------------------------------------------------------------------
     def context_hooks(self, needs: frozenset[str], context: dict) -> list:
@@ -261,7 +260,8 @@ class ArchitectureAdapter:
         if size is None:
             raise NotImplementedError(f"{type(self).__name__} does not know how to build a dummy image.")
         size = size if isinstance(size, int) else size[0]
-        return {"pixel_values": torch.zeros(1, channels, size, size)}
+        # Ones, not zeros: some families (Idefics3) drop all-zero images as padding.
+        return {"pixel_values": torch.ones(1, channels, size, size)}
 
 
 def _true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -169,7 +169,8 @@ def compressed_inputs(model, inputs: dict, compression: Compression | None, stat
     batch = compress_batch(adapter, inputs, compression, layout)
     if stats is not None:
         stats["kept_visual_tokens"] = stats.get("kept_visual_tokens", 0) + sum(batch.kept)
-    with sparse_hooks(adapter, batch, compression), adapter.generation_context(model, batch):
+    # M-RoPE models decode from the prompt's last (full-sequence) position: `generate` continues the position ids.
+    with sparse_hooks(adapter, batch, compression):
         yield batch.inputs
 
 
@@ -208,13 +209,14 @@ def generate_from_prompts(
         return []
     compression = resolve_compression(model, token_compressor, keep_ratio, num_keep)
     tokenizer = getattr(processor, "tokenizer", processor)
-    flat_images = [image for sample in images for image in sample]
+    # Nested per sample: several processors (Gemma 3, SmolVLM) cannot split a flat list between prompts.
+    nested_images = [list(sample) for sample in images] if any(len(sample) for sample in images) else None
     bos = getattr(tokenizer, "bos_token", None)
     # A template that writes the BOS token itself must not get a second one from the tokenizer.
     add_special_tokens = not (bos and all(prompt.startswith(bos) for prompt in prompts))
     inputs = processor(
         text=list(prompts),
-        images=flat_images or None,
+        images=nested_images,
         padding=True,
         padding_side="left",
         add_special_tokens=add_special_tokens,
@@ -266,7 +268,7 @@ def continuation_logprob(
     bos = getattr(tokenizer, "bos_token", None)
     inputs = processor(
         text=[prompt],
-        images=list(images) or None,
+        images=[list(images)] if images else None,
         add_special_tokens=not (bos and prompt.startswith(bos)),
         return_tensors="pt",
     )
