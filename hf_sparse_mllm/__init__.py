@@ -1,9 +1,8 @@
 """Sparse training for vision-language models in the Hugging Face ecosystem."""
 
-__version__ = "0.1.0.dev0"
-
 from transformers import AutoConfig
 
+from ._version import __version__
 from .config import SPARSE_CONFIG_NAME, SparseMLLMConfig
 from .trainer import SparseMLLMTrainer
 

@@ -1,77 +1,188 @@
-"""`SparseMLLMConfig`: the sparse-training recipe, saved next to the model under its own file name."""
+"""`SparseMLLMConfig`: the sparse-training recipe, saved next to the model under its own file name.
+
+Every field's type, range and allowed names are declared once, in its annotation (`Annotated[float, Interval("(0,
+1]")]`); construction checks and converts every value from that declaration, so Python, YAML and command-line values
+are held to the same rules. `transformers.HfArgumentParser(SparseMLLMConfig)` turns each field into a flag.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import numbers
+import operator
 import os
+import re
 import tempfile
-from dataclasses import dataclass, field, fields
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from difflib import get_close_matches
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
-from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers.utils.hub import PushToHubMixin, cached_file
 
-from . import __version__
+from ._version import __version__
+from .compressors import list_compressors
+from .skipping import get_skip_policy, list_skip_policies
 
 logger = logging.getLogger(__name__)
 
 SPARSE_CONFIG_NAME = "sparse_mllm_config.json"
-STAGES = ("alignment", "instruction", "auto")
-# Fields that belong to layer-skip policies (each policy names the ones it reads in `SkipPolicy.fields`).
+# The fields that configure skip policies. Not derived from the registered policies' `fields`: a policy may also read
+# a field of another component (a plug-in could read `seed`), which must not be reported as ignored when another
+# policy is chosen. Every built-in policy reads only fields from this tuple (tested).
 _SKIP_FIELDS = ("skip_ratio", "max_skip_prob", "protect_layers", "measure_every", "skip_layers")
+# The string forms of booleans that `transformers.HfArgumentParser` accepts for a `bool` flag (YAML 1.1 loaders read
+# yes/no as booleans too), accepted in Python as well so that a value means the same wherever it is written.
+_TRUE_STRINGS = ("true", "yes", "t", "y", "1")
+_FALSE_STRINGS = ("false", "no", "f", "n", "0")
+_NONE_STRINGS = ("none", "null")
 
 
-@strict(accept_kwargs=True)
-@dataclass(repr=False)
-class SparseMLLMConfig(PreTrainedConfig):
+# ---- how a field's values are declared ------------------------------------------------------------------------------
+
+
+class Interval:
+    """The numbers a field accepts, in interval notation (`inf` for no upper bound).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.config import Interval
+    >>> 0.5 in Interval("(0, 1]"), 0 in Interval("(0, 1]"), str(Interval("(0, 1]")), str(Interval("[1, inf)"))
+    (True, False, 'in (0, 1]', '>= 1')
+
+    ```
+    """
+
+    def __init__(self, notation: str):
+        low, high = notation[1:-1].split(",")
+        self.notation = notation
+        self.low, self.high = float(low), float(high)
+        self.closed_low, self.closed_high = notation[0] == "[", notation[-1] == "]"
+
+    def __contains__(self, value) -> bool:
+        above = self.low < value or (self.closed_low and value == self.low)
+        below = value < self.high or (self.closed_high and value == self.high)
+        return above and below  # False for NaN
+
+    def __str__(self) -> str:
+        if self.high == float("inf"):
+            return f"{'>=' if self.closed_low else '>'} {self.notation[1:].split(',')[0].strip()}"
+        return f"in {self.notation}"
+
+
+class OneOf:
+    """The strings a field accepts: the names a registry holds when the value is checked (plug-ins register later
+    than this module is imported)."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self.names = names
+
+
+class _FieldMetadata(Mapping):
+    """Field metadata whose `help` may be a function, called whenever it is read: `HfArgumentParser` reads it when it
+    builds the parser, so the help of `token_compressor` lists the compressors registered at that time."""
+
+    def __init__(self, help: str | Callable[[], str]):
+        self._items = {"help": help}
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._items[key]
+        return value() if callable(value) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _option(default, help: str | Callable[[], str]):
+    return field(default=default, metadata=_FieldMetadata(help))
+
+
+def _names(values: Iterable[str]) -> str:
+    return ", ".join(values) or "none registered"
+
+
+def _read_by(name: str) -> str:
+    """Which registered skip policies read field `name`, for its help."""
+    readers = [policy for policy in list_skip_policies() if name in get_skip_policy(policy).fields]
+    if len(readers) > 1:
+        return f"read by the {', '.join(readers[:-1])} and {readers[-1]} skip policies"
+    return f"read by the {readers[0]} skip policy" if readers else "read by no registered skip policy"
+
+
+# ---- the configuration -----------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SparseMLLMConfig(PushToHubMixin):
     r"""
     The sparse-training recipe used by [`SparseMLLMTrainer`].
 
-    It is a `transformers` config with its own `model_type` (`"sparse_mllm"`), saved as `sparse_mllm_config.json`
-    beside the weights so the base model's `config.json` is never overwritten. Values are checked on construction
-    (`ValueError` naming the field and its allowed values); an unknown keyword argument is a `TypeError` that suggests
-    the closest field, while `from_pretrained` ignores unknown keys with a warning (files from newer versions).
+    A dataclass whose fields are `transformers.HfArgumentParser` flags, saved as `sparse_mllm_config.json` beside the
+    weights (and as a `sparse_mllm` dict in the model's `config.json`) so the base model's files keep their meaning.
+    It is registered with `AutoConfig` under its `model_type`, `"sparse_mllm"`.
+
+    Every value is checked on construction, with a `ValueError` naming the field, the expected type or range and the
+    value. The string forms a command line or YAML file gives are converted: numbers (`"0.2"`, `"3"`; an `int` field
+    takes only integers, neither `True` nor `2.0`), booleans (`true`/`false`, `yes`/`no`, `t`/`f`, `y`/`n`, `1`/`0`,
+    any case: the forms `HfArgumentParser` accepts), `"none"`/`"null"` for an optional field and `"1,2"` for
+    `skip_layers`. An unknown keyword argument is a `TypeError` that suggests the closest field, while
+    [`~SparseMLLMConfig.from_pretrained`] ignores unknown keys with a warning (files from newer versions).
 
     Args:
         token_compressor (`str` or `None`, *optional*, defaults to `"divprune"`):
-            Name of a registered visual token compressor (see `hf_sparse_mllm.compressors.list_compressors()`), or
-            `None` to feed every visual token to the language model.
+            Name of a registered visual token compressor (`hf_sparse_mllm.compressors.list_compressors()`), or `None`
+            to feed every visual token to the language model.
         keep_ratio (`float`, *optional*, defaults to `0.25`):
-            Fraction of each image's visual tokens kept on fast steps, in (0, 1]. The budget is
-            `k = max(1, round(keep_ratio * num_tokens))`.
+            Fraction of each image's visual tokens kept on fast steps, in (0, 1]. Each compressor turns it into a
+            number of tokens (`TokenCompressor.budget`): `max(1, round(keep_ratio * num_tokens))` for the selecting
+            methods, a pooling stride for `pool`.
         num_keep (`int` or `None`, *optional*, defaults to `None`):
-            Absolute number of visual tokens kept per image; overrides `keep_ratio` when set.
+            Absolute number of visual tokens kept per image (an image with fewer keeps all); overrides `keep_ratio`.
         slow_mode_prob (`float`, *optional*, defaults to `0.1`):
             Probability that an optimizer step is a slow (all tokens, distilled) step in the instruction stage.
         num_isolator_tokens (`int`, *optional*, defaults to `4`):
             Number of learnable mode-isolator tokens prepended to each image's kept tokens on fast steps; `0`
             disables the isolator (naive pruning).
         distill_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the KL(teacher || student) term on slow steps.
+            Weight of the KL(teacher || student) term on slow steps, >= 0.
         distill_temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature of the distillation; the KL term is multiplied by its square.
+            Softmax temperature of the distillation, > 0; the KL term is multiplied by its square.
         stage (`str`, *optional*, defaults to `"auto"`):
             `"alignment"` (projector training, language model frozen: fast steps only), `"instruction"` (fast/slow
             alternation) or `"auto"` (alignment when no language-model parameter requires grad).
         seed (`int`, *optional*, defaults to `42`):
             Seed of every sparse decision (step mode, random selection, skipped layers). Decisions are pure functions
             of this seed and the optimizer step, so they agree across processes and after resuming.
+        max_nonfinite_steps (`int`, *optional*, defaults to `3`):
+            Training stops with an error after this many consecutive optimizer steps whose loss is not finite.
         layer_skip_policy (`str` or `None`, *optional*, defaults to `None`):
-            Registered layer-skip policy (`"stochastic"`, `"redundancy"`, `"fixed"`) or `None` to run every decoder
-            layer. Skipped layers are not executed (no forward, no activations, no gradient) on fast steps; slow steps
-            and their teacher run at full depth unless `skip_on_slow_steps=True`.
+            Name of a registered layer-skip policy (`hf_sparse_mllm.skipping.list_skip_policies()`; built in:
+            `"stochastic"`, `"redundancy"`, `"fixed"`) or `None` to run every decoder layer. Skipped layers are not
+            executed (no forward, no activations, no gradient) on fast steps; slow steps and their teacher run at full
+            depth unless `skip_on_slow_steps=True`. A policy reads only the fields it names in `SkipPolicy.fields`;
+            settings under which it would never skip a layer are rejected here, or by the trainer once the decoder
+            depth is known, with the arithmetic in the message.
         skip_ratio (`float`, *optional*, defaults to `0.25`):
-            `redundancy` policy: fraction of the decoder layers skipped per step, in [0, 1).
+            Fraction of the decoder layers skipped per step, in [0, 1) (built-in reader: `redundancy`).
         max_skip_prob (`float`, *optional*, defaults to `0.5`):
-            `stochastic` policy: skip probability of the deepest skippable layer, in [0, 1); it rises linearly with depth.
+            Highest skip probability of any layer, in [0, 1) (`stochastic`: the deepest skippable layer's, rising
+            linearly with depth; `redundancy`: every layer's cap).
         protect_layers (`int`, *optional*, defaults to `1`):
-            The first and last `protect_layers` decoder layers are never skipped (at most half the depth).
+            The rule every built-in policy follows: the first and last `protect_layers` decoder layers are never
+            skipped, and must leave at least one layer that can be (`num_layers - 2 * protect_layers >= 1`). `fixed`
+            rejects a `skip_layers` entry that is protected (set `protect_layers=0` to skip an end layer).
         measure_every (`int`, *optional*, defaults to `100`):
-            `redundancy` policy: every `measure_every` optimizer steps a full-depth step measures layer redundancy.
+            Optimizer steps between the full-depth steps that measure layer redundancy, >= 1 (`redundancy`).
         skip_layers (`list[int]` or `None`, *optional*, defaults to `None`):
-            `fixed` policy: the decoder layer indices skipped on every fast step (and slow step, with
-            `skip_on_slow_steps`).
+            Decoder layer indices skipped on every step that skips (`fixed`).
         skip_on_slow_steps (`bool`, *optional*, defaults to `False`):
             Also skip layers on slow steps (the all-token student and its fast-mode teacher skip the same layers),
             as STS's instruction stage skips layers with all tokens. By default slow steps run at full depth, so the
@@ -81,131 +192,109 @@ class SparseMLLMConfig(PreTrainedConfig):
         stage_aware (`bool`, *optional*, defaults to `True`):
             Apply each kind of sparsity in its STS stage only: layer skipping and slow steps in the instruction stage,
             token compression in both. `False` applies every enabled component in every stage.
+        sparse_mllm_version (`str`, *optional*, defaults to the installed version):
+            Version of hf-sparse-mllm that wrote the config (kept when a saved config is loaded).
 
     Example:
 
     ```python
     >>> from hf_sparse_mllm import SparseMLLMConfig
-    >>> config = SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.1, slow_mode_prob=0.1)
-    >>> config.keep_ratio
-    0.1
+    >>> config = SparseMLLMConfig(token_compressor="divprune", keep_ratio="0.1", stage_aware="false")
+    >>> config.keep_ratio, config.stage_aware
+    (0.1, False)
+    >>> SparseMLLMConfig(keep_ratio=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: keep_ratio must be in (0, 1], got 1.5.
+
     ```
     """
 
-    model_type = "sparse_mllm"
+    model_type: ClassVar[str] = "sparse_mllm"
 
-    token_compressor: str | None = field(
-        default="divprune",
-        metadata={
-            "help": "Registered visual token compressor (divprune, pool, random, redundancy, cls_attention) or None."
-        },
+    token_compressor: Annotated[str | None, OneOf(list_compressors)] = _option(
+        "divprune", lambda: f"Registered visual token compressor ({_names(list_compressors())}) or none."
     )
-    keep_ratio: float | int = field(
-        default=0.25, metadata={"help": "Fraction of visual tokens kept per image on fast steps, in (0, 1]."}
+    keep_ratio: Annotated[float, Interval("(0, 1]")] = _option(
+        0.25, "Fraction of visual tokens kept per image on fast steps, in (0, 1]."
     )
-    num_keep: int | None = field(
-        default=None, metadata={"help": "Absolute number of visual tokens kept per image; overrides keep_ratio."}
+    num_keep: Annotated[int | None, Interval("[1, inf)")] = _option(
+        None, "Absolute number of visual tokens kept per image; overrides keep_ratio."
     )
-    slow_mode_prob: float | int = field(
-        default=0.1, metadata={"help": "Probability of a slow (all-token, distilled) step in the instruction stage."}
+    slow_mode_prob: Annotated[float, Interval("[0, 1]")] = _option(
+        0.1, "Probability of a slow (all-token, distilled) step in the instruction stage, in [0, 1]."
     )
-    num_isolator_tokens: int = field(
-        default=4, metadata={"help": "Learnable mode-isolator tokens prepended to each image on fast steps (0: off)."}
+    num_isolator_tokens: Annotated[int, Interval("[0, inf)")] = _option(
+        4, "Learnable mode-isolator tokens prepended to each image on fast steps (0: off)."
     )
-    distill_weight: float | int = field(default=1.0, metadata={"help": "Weight of the KL distillation term."})
-    distill_temperature: float | int = field(default=1.0, metadata={"help": "Temperature of the distillation."})
-    stage: str = field(default="auto", metadata={"help": "Training stage: alignment, instruction or auto."})
-    seed: int = field(default=42, metadata={"help": "Seed of all sparse decisions (mode, selection, skipped layers)."})
-    layer_skip_policy: str | None = field(
-        default=None,
-        metadata={"help": "Layer-skip policy (stochastic, redundancy, fixed) or None to run every layer."},
+    distill_weight: Annotated[float, Interval("[0, inf)")] = _option(1.0, "Weight of the KL distillation term, >= 0.")
+    distill_temperature: Annotated[float, Interval("(0, inf)")] = _option(1.0, "Temperature of the distillation, > 0.")
+    stage: Literal["alignment", "instruction", "auto"] = _option(
+        "auto", "Training stage: alignment, instruction or auto (alignment when the language model is frozen)."
     )
-    skip_ratio: float | int = field(
-        default=0.25, metadata={"help": "redundancy policy: fraction of decoder layers skipped per step, in [0, 1)."}
+    seed: Annotated[int, Interval("[0, inf)")] = _option(
+        42, "Seed of all sparse decisions (mode, selection, skipped layers)."
     )
-    max_skip_prob: float | int = field(
-        default=0.5,
-        metadata={"help": "stochastic policy: skip probability of the deepest skippable layer, in [0, 1)."},
+    max_nonfinite_steps: Annotated[int, Interval("[1, inf)")] = _option(
+        3, "Stop training with an error after this many consecutive optimizer steps with a non-finite loss."
     )
-    protect_layers: int = field(default=1, metadata={"help": "First and last N decoder layers are never skipped."})
-    measure_every: int = field(
-        default=100, metadata={"help": "redundancy policy: optimizer steps between full-depth measurements."}
+    layer_skip_policy: Annotated[str | None, OneOf(list_skip_policies)] = _option(
+        None, lambda: f"Registered layer-skip policy ({_names(list_skip_policies())}) or none to run every layer."
     )
-    skip_layers: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "fixed policy: decoder layer indices skipped on every fast step (slow too with skip_on_slow_steps)."
-        },
+    skip_ratio: Annotated[float, Interval("[0, 1)")] = _option(
+        0.25, lambda: f"Fraction of decoder layers skipped per step, in [0, 1); {_read_by('skip_ratio')}."
     )
-    skip_on_slow_steps: bool = field(
-        default=False, metadata={"help": "Skip layers on slow (all-token) steps too, not only on fast steps."}
+    max_skip_prob: Annotated[float, Interval("[0, 1)")] = _option(
+        0.5, lambda: f"Highest skip probability of a layer, in [0, 1); {_read_by('max_skip_prob')}."
     )
-    stage_aware: bool = field(
-        default=True, metadata={"help": "Skip layers and take slow steps only in the instruction stage."}
+    protect_layers: Annotated[int, Interval("[0, inf)")] = _option(
+        1, lambda: f"First and last N decoder layers are never skipped; {_read_by('protect_layers')}."
     )
-    sparse_mllm_version: str = field(
-        default=__version__, metadata={"help": "Version of hf-sparse-mllm that wrote this config."}
+    measure_every: Annotated[int, Interval("[1, inf)")] = _option(
+        100, lambda: f"Optimizer steps between full-depth redundancy measurements; {_read_by('measure_every')}."
     )
+    skip_layers: Annotated[list[int] | None, Interval("[0, inf)")] = _option(
+        None, lambda: f"Decoder layer indices skipped on every step that skips; {_read_by('skip_layers')}."
+    )
+    skip_on_slow_steps: bool = _option(False, "Skip layers on slow (all-token) steps too, not only on fast steps.")
+    stage_aware: bool = _option(True, "Skip layers and take slow steps only in the instruction stage.")
+    sparse_mllm_version: str = _option(__version__, "Version of hf-sparse-mllm that wrote this config.")
 
-    def __post_init__(self, **kwargs):
-        from .compressors import list_compressors
-
-        if kwargs:
-            # `PreTrainedConfig` keeps unknown keyword arguments as attributes, so a misspelt field would silently
-            # train another recipe. Loading stays lenient: `from_dict` drops unknown keys with a warning first.
-            own = _recipe_fields()
+    def __new__(cls, *args, **kwargs):
+        # The dataclass `__init__` would reject a misspelt field too, but without saying which one was meant.
+        own = [f.name for f in fields(cls)]
+        unknown = [key for key in kwargs if key not in own]
+        if unknown:
             hints = [
-                f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, own, n=1)) else repr(k) for k in kwargs
+                f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, own, n=1)) else repr(k)
+                for k in unknown
             ]
             raise TypeError(f"SparseMLLMConfig got unexpected keyword arguments {', '.join(hints)}. Fields: {own}.")
-        if self.token_compressor is not None and self.token_compressor not in list_compressors():
-            raise ValueError(
-                f"token_compressor must be one of {list_compressors()} or None, got {self.token_compressor!r}."
-            )
-        if not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}.")
-        if self.num_keep is not None and self.num_keep < 1:
-            raise ValueError(f"num_keep must be a positive integer or None, got {self.num_keep}.")
-        if not 0 <= self.slow_mode_prob <= 1:
-            raise ValueError(f"slow_mode_prob must be in [0, 1], got {self.slow_mode_prob}.")
-        if self.num_isolator_tokens < 0:
-            raise ValueError(f"num_isolator_tokens must be >= 0, got {self.num_isolator_tokens}.")
-        if self.distill_weight < 0:
-            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}.")
-        if self.distill_temperature <= 0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}.")
-        if isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}.")
-        self._validate_skipping()
-        super().__post_init__(**kwargs)
+        return super().__new__(cls)
 
-    def _validate_skipping(self) -> None:
-        from .skipping import get_skip_policy, list_skip_policies
+    def __post_init__(self):
+        for spec in _field_specs():
+            setattr(self, spec.name, spec.convert(getattr(self, spec.name)))
+        self._check_layer_skipping()
 
-        if self.layer_skip_policy is not None and self.layer_skip_policy not in list_skip_policies():
-            raise ValueError(
-                f"layer_skip_policy must be one of {list_skip_policies()} or None, got {self.layer_skip_policy!r}."
-            )
-        if not 0 <= self.skip_ratio < 1:
-            raise ValueError(f"skip_ratio must be in [0, 1), got {self.skip_ratio}.")
-        if not 0 <= self.max_skip_prob < 1:
-            raise ValueError(f"max_skip_prob must be in [0, 1), got {self.max_skip_prob}.")
-        if self.protect_layers < 0:
-            raise ValueError(f"protect_layers must be >= 0, got {self.protect_layers}.")
-        if self.measure_every < 1:
-            raise ValueError(f"measure_every must be >= 1, got {self.measure_every}.")
-        if self.skip_layers is not None and any(i < 0 for i in self.skip_layers):
-            raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers}.")
+    def _check_layer_skipping(self) -> None:
         if self.skip_on_slow_steps and self.layer_skip_policy is None:
             logger.warning("skip_on_slow_steps=True has no effect without a layer_skip_policy.")
         if self.layer_skip_policy is None:
             return
         policy = get_skip_policy(self.layer_skip_policy)
         policy.validate(**self.skip_policy_fields())
-        defaults = {f.name: f.default for f in fields(self)}
-        unused = [name for name in _SKIP_FIELDS if name not in policy.fields and getattr(self, name) != defaults[name]]
+        read_by_some_policy = {
+            name for policy_name in list_skip_policies() for name in get_skip_policy(policy_name).fields
+        }
+        unused = [
+            f.name
+            for f in fields(self)
+            if f.name in _SKIP_FIELDS
+            and f.name in read_by_some_policy
+            and f.name not in policy.fields
+            and getattr(self, f.name) != f.default
+        ]
         if unused:
             logger.warning(
                 "%s %s only used by other layer skip policies; ignored with %r.",
@@ -214,38 +303,44 @@ class SparseMLLMConfig(PreTrainedConfig):
                 self.layer_skip_policy,
             )
 
-    def skip_policy_fields(self) -> dict:
+    def skip_policy_fields(self) -> dict[str, Any]:
         """The values of the fields the configured layer-skip policy reads (empty without a policy)."""
         if self.layer_skip_policy is None:
             return {}
-        from .skipping import get_skip_policy
-
         return {name: getattr(self, name) for name in get_skip_policy(self.layer_skip_policy).fields}
 
     def check_decoder_depth(self, num_layers: int) -> None:
-        """Checks that need the model's decoder depth (called by the trainer)."""
+        """Checks that need the model's decoder depth (called by the trainer): the policy's `validate`."""
         if self.layer_skip_policy is not None:
-            from .skipping import get_skip_policy
-
             get_skip_policy(self.layer_skip_policy).validate(num_layers, **self.skip_policy_fields())
 
     @property
     def compression_enabled(self) -> bool:
         return self.token_compressor is not None
 
-    def recipe_dict(self) -> dict:
-        """The recipe fields only (no generic `PreTrainedConfig` attributes), as plain JSON-able values."""
-        return {name: getattr(self, name) for name in _recipe_fields()}
+    # ---- saving and loading ---------------------------------------------------------------------------------------
+
+    def recipe_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able values, sorted by name (the `sparse_mllm` dict of a model's `config.json`)."""
+        return dict(sorted(asdict(self).items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `sparse_mllm_config.json` holds: the `model_type` and [`~SparseMLLMConfig.recipe_dict`]."""
+        return {"model_type": self.model_type, **self.recipe_dict()}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Write the recipe to `save_directory/sparse_mllm_config.json` (the base `config.json` is left alone).
+        """Write the recipe to `save_directory/sparse_mllm_config.json` (a base `config.json` there is left alone).
 
         With `push_to_hub=True` the file is also uploaded; `kwargs` are those of [`~SparseMLLMConfig.push_to_hub`]
         plus `repo_id` (defaults to the folder's name), as for any `transformers` config.
         """
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, SPARSE_CONFIG_NAME)
-        self.to_json_file(path, use_diff=False)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(self.to_json_string())
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             self.push_to_hub(repo_id, **kwargs)
@@ -265,8 +360,8 @@ class SparseMLLMConfig(PreTrainedConfig):
     ):
         """Upload `sparse_mllm_config.json`, and nothing else, to `repo_id` (created if missing).
 
-        Unlike `PreTrainedConfig.push_to_hub` this never writes `config.json` nor the repo's `README.md`, so it can
-        add the recipe to a model repo. Uses the same Hub client and commit path as `transformers`.
+        Unlike `PushToHubMixin.push_to_hub` this writes no `README.md`, so it can add the recipe to a model repo.
+        Uses the Hub client and commit path of `transformers` (`hf_api()`, `_upload_modified_files`).
         """
         from transformers.utils.hub import hf_api
 
@@ -285,33 +380,54 @@ class SparseMLLMConfig(PreTrainedConfig):
             )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SparseMLLMConfig:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        subfolder: str = "",
+        **overrides,
+    ) -> SparseMLLMConfig:
         """Read the recipe from a local folder or a Hub repo id (downloading `sparse_mllm_config.json` only).
 
         A folder or repo without that file but whose `config.json` carries the recipe under `sparse_mllm` (written
-        by [`SparseMLLMTrainer`] on every save) is read from there.
+        by [`SparseMLLMTrainer`] on every save) is read from there. `overrides` replace loaded values (field names
+        only); the other arguments are those of `transformers.utils.hub.cached_file`.
         """
-        kwargs.setdefault("_configuration_file", SPARSE_CONFIG_NAME)
-        fallback_kwargs = {k: v for k, v in kwargs.items() if k != "_configuration_file"}
-        try:
-            config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        except OSError as error:
-            try:
-                base_dict, kwargs = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **fallback_kwargs)
-            except OSError:
-                raise error from None
-            if not isinstance(base_dict.get("sparse_mllm"), dict):
-                raise error
-            logger.info(
-                "No %s in %s: reading the recipe from config.json.", SPARSE_CONFIG_NAME, pretrained_model_name_or_path
+        hub_kwargs = dict(
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            revision=revision,
+            local_files_only=local_files_only,
+            subfolder=subfolder,
+            _raise_exceptions_for_missing_entries=False,
+        )
+        path = cached_file(pretrained_model_name_or_path, SPARSE_CONFIG_NAME, **hub_kwargs)
+        if path is not None:
+            return cls.from_json_file(path, **overrides)
+        base_path = cached_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
+        recipe = _read_json(base_path).get("sparse_mllm") if base_path is not None else None
+        if not isinstance(recipe, dict):
+            raise OSError(
+                f"{pretrained_model_name_or_path} has no {SPARSE_CONFIG_NAME}, nor a config.json with a `sparse_mllm` "
+                "recipe: save the recipe with SparseMLLMConfig.save_pretrained or train with SparseMLLMTrainer."
             )
-            config_dict = base_dict["sparse_mllm"]
-        return cls.from_dict(config_dict, **kwargs)
+        logger.info(
+            "No %s in %s: reading the recipe from config.json.", SPARSE_CONFIG_NAME, pretrained_model_name_or_path
+        )
+        return cls.from_dict(recipe, **overrides)
 
     @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs) -> SparseMLLMConfig:
-        known = {f.name for f in fields(cls)} | {"model_type"}
-        unknown = sorted(set(config_dict) - known)
+    def from_dict(cls, config_dict: Mapping[str, Any], **overrides) -> SparseMLLMConfig:
+        """Build the config from a saved dict: unknown keys (from newer versions) are dropped with a warning, missing
+        keys take their defaults. `overrides` are keyword arguments of the constructor and win over the dict."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known - {"model_type"})
         if unknown:
             logger.warning(
                 "Ignoring unknown SparseMLLMConfig keys %s (written by hf-sparse-mllm %s; this is %s).",
@@ -319,18 +435,131 @@ class SparseMLLMConfig(PreTrainedConfig):
                 config_dict.get("sparse_mllm_version", "?"),
                 __version__,
             )
-        config_dict = {k: v for k, v in config_dict.items() if k in known and k != "model_type"}
-        return super().from_dict(config_dict, **kwargs)
+        return cls(**{**{k: v for k, v in config_dict.items() if k in known}, **overrides})
 
     @classmethod
-    def from_json_file(cls, json_file: str | os.PathLike) -> SparseMLLMConfig:
-        # The stock one calls `cls(**file)`, which would reject the file's `model_type` (and keys of newer versions).
-        return cls.from_dict(cls._dict_from_json_file(json_file))
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps({"model_type": self.model_type, **self.recipe_dict()}, indent=2, sort_keys=True) + "\n"
+    def from_json_file(cls, json_file: str | os.PathLike, **overrides) -> SparseMLLMConfig:
+        """[`~SparseMLLMConfig.from_dict`] of a saved `sparse_mllm_config.json`."""
+        return cls.from_dict(_read_json(json_file), **overrides)
 
 
-def _recipe_fields() -> list[str]:
-    """Names of the recipe's own fields (not the generic `PreTrainedConfig` ones), sorted."""
-    return sorted({f.name for f in fields(SparseMLLMConfig)} - {f.name for f in fields(PreTrainedConfig)})
+def _read_json(path: str | os.PathLike) -> dict:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+# ---- checking and converting values ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    """What a field accepts, read from its annotation: a kind (`bool`, `int`, `float`, `str` or `list` of `int`),
+    whether `None` is allowed, and an `Interval` or a set of names."""
+
+    name: str
+    kind: type
+    optional: bool
+    interval: Interval | None
+    names: Callable[[], Iterable[str]] | None
+
+    def expected(self) -> str:
+        """What the field accepts, in words: "a float in (0, 1]", "a list of ints, each >= 0, or None"."""
+        text = _KIND_TEXT[self.kind]
+        if self.kind is float and self.interval is not None and self.interval.high == float("inf"):
+            text = "a finite float"
+        if self.interval is not None:
+            text += f", each {self.interval}," if self.kind is list else f" {self.interval}"
+        return text + (" or None" if self.optional else "")
+
+    def convert(self, value: Any) -> Any:
+        """`value` as the field's type, or a `ValueError` naming the field, what it accepts and the value."""
+        if self.optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_STRINGS)):
+            return None
+        try:
+            converted = _CONVERTERS[self.kind](value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.name} must be {self.expected()}, got {value!r} ({type(value).__name__})."
+            ) from None
+        if self.interval is not None:
+            items = converted if self.kind is list else [converted]
+            if not all(item in self.interval for item in items):
+                which = "must contain only integers" if self.kind is list else "must be"
+                raise ValueError(f"{self.name} {which} {self.interval}, got {value!r}.")
+        if self.names is not None and converted not in (allowed := sorted(self.names())):
+            raise ValueError(
+                f"{self.name} must be one of {allowed}{' or None' if self.optional else ''}, got {value!r}."
+            )
+        return converted
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    # `True` is an int to Python, and `2.0` an integral float: both are more likely a value meant for another field
+    # than a count, so only integers (and numpy integers) and their strings pass.
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return int(value.strip()) if isinstance(value, str) else operator.index(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        raise TypeError(value)
+    if not math.isfinite(number := float(value)):
+        raise ValueError(value)
+    return number
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _to_int_list(value: Any) -> list[int]:
+    if isinstance(value, str):
+        value = re.split(r"[,\s]+", value.strip())
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(value)
+    return [_to_int(item) for item in value]
+
+
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, list: _to_int_list}
+_KIND_TEXT = {
+    bool: "a bool (true or false)",
+    int: "an int",
+    float: "a float",
+    str: "a str",
+    list: "a list of ints",
+}
+
+
+@functools.cache
+def _field_specs() -> tuple[_FieldSpec, ...]:
+    # The annotations, not `Field.type`: `HfArgumentParser` overwrites the latter with the bare type it parses.
+    hints = get_type_hints(SparseMLLMConfig, include_extras=True)
+    return tuple(_field_spec(f.name, hints[f.name]) for f in fields(SparseMLLMConfig))
+
+
+def _field_spec(name: str, hint: Any) -> _FieldSpec:
+    constraints: tuple = ()
+    if get_origin(hint) is Annotated:
+        hint, *constraints = get_args(hint)
+    optional = get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+    if optional:
+        (hint,) = [arg for arg in get_args(hint) if arg is not type(None)]
+    names = next((c.names for c in constraints if isinstance(c, OneOf)), None)
+    if get_origin(hint) is Literal:
+        names, hint = functools.partial(get_args, hint), str
+    kind = get_origin(hint) or hint
+    if kind not in _CONVERTERS or (kind is list and get_args(hint) != (int,)):
+        raise TypeError(f"SparseMLLMConfig.{name} has a type the config cannot check: {hint!r}.")
+    interval = next((c for c in constraints if isinstance(c, Interval)), None)
+    return _FieldSpec(name, kind, optional, interval, names)

@@ -33,8 +33,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 from transformers.utils.hub import hf_api
 
-from . import __version__
+from .compressors import get_compressor
 from .config import SPARSE_CONFIG_NAME, SparseMLLMConfig
+from .skipping import get_skip_policy
 
 MODEL_CARD_NAME = "README.md"
 MODEL_CARD_TEMPLATE = "model_card.md"
@@ -58,69 +59,64 @@ def _percent(value: float) -> str:
 def describe_recipe(recipe: SparseMLLMConfig | Mapping[str, Any]) -> list[str]:
     """One sentence per component of the recipe, for people reading the model card.
 
+    The compression budget is worded by the compressor (`TokenCompressor.describe_budget`) and the layer-skip settings
+    by the skip policy (`SkipPolicy.describe`), so a registered plug-in describes itself.
+
     Args:
         recipe ([`SparseMLLMConfig`] or `dict`):
             The recipe, or its `recipe_dict()` (as stored in `config.json`; keys this version does not know are
-            ignored, missing keys take the defaults).
+            ignored with a warning, missing keys take the defaults).
 
     Returns:
         `list[str]`: Markdown sentences.
     """
-    r = recipe.recipe_dict() if isinstance(recipe, SparseMLLMConfig) else dict(recipe)
+    config = recipe if isinstance(recipe, SparseMLLMConfig) else SparseMLLMConfig.from_dict(recipe)
     lines = []
-    compressor = r.get("token_compressor")
-    if compressor is None:
+    if config.token_compressor is None:
         lines.append("Visual token compression: off (every visual token reaches the language model).")
     else:
-        budget = (
-            f"{r['num_keep']} visual tokens per image"
-            if r.get("num_keep")
-            else f"{_percent(r.get('keep_ratio', 0.25))} of each image's visual tokens "
-            f"(k = max(1, round({r.get('keep_ratio', 0.25)} N)))"
-        )
-        lines.append(f"Visual token compression (fast steps): `{compressor}` keeps {budget}, in raster order.")
-        isolator = r.get("num_isolator_tokens", 0)
-        if isolator:
+        budget = get_compressor(config.token_compressor).describe_budget(config.keep_ratio, config.num_keep)
+        lines.append(f"Visual token compression (fast steps): `{config.token_compressor}` {budget}.")
+        if config.num_isolator_tokens:
             lines.append(
-                f"Mode isolator: {isolator} learnable tokens precede each image's kept tokens on fast steps; they are "
-                "training state only and are not in this checkpoint."
+                f"Mode isolator: {config.num_isolator_tokens} learnable tokens precede each image's kept tokens on "
+                "fast steps; they are training state only and are not in this checkpoint."
             )
-        slow = r.get("slow_mode_prob", 0.0)
-        if slow:
+        if config.slow_mode_prob:
             lines.append(
-                f"Fast/slow alternation (DualSpeed): in the instruction stage {_percent(slow)} of the optimizer steps "
-                "are slow steps with all visual tokens, distilled from the fast mode "
-                f"(KL weight {r.get('distill_weight', 1.0)}, temperature {r.get('distill_temperature', 1.0)})."
+                "Fast/slow alternation (DualSpeed): in the instruction stage "
+                f"{_percent(config.slow_mode_prob)} of the optimizer steps are slow steps with all visual tokens, "
+                f"distilled from the fast mode (KL weight {config.distill_weight}, temperature "
+                f"{config.distill_temperature})."
             )
         else:
             lines.append("Fast/slow alternation: off (every step is a fast step).")
-    policy = r.get("layer_skip_policy")
-    if policy is not None:
-        protect = r.get("protect_layers", 1)
-        detail = {
-            "stochastic": f"skip probability rising linearly with depth up to {r.get('max_skip_prob')}",
-            "redundancy": f"up to {_percent(r.get('skip_ratio', 0.0))} of the layers, the most redundant ones, "
-            f"re-measured every {r.get('measure_every')} steps",
-            "fixed": f"layers {r.get('skip_layers')}",
-        }.get(policy, "")
-        protected = {0: "no layer is protected", 1: "the first and the last decoder layer always run"}.get(
-            protect, f"the first and last {protect} decoder layers always run"
-        )
-        when = " in the instruction stage" if r.get("stage_aware", True) else ""
-        lines.append(
-            f"Layer skipping{when}: `{policy}` policy ({detail}); {protected}; a skipped layer is not executed on "
-            "that step (no forward, no activations, no gradient); "
-            + ("slow steps skip layers too." if r.get("skip_on_slow_steps") else "slow steps run every layer.")
-        )
-    stage = r.get("stage", "auto")
+    if config.layer_skip_policy is not None:
+        lines.append(_describe_layer_skipping(config))
     stage_text = {
         "alignment": "alignment (projector training; fast steps only)",
         "instruction": "instruction tuning",
         "auto": "chosen automatically (alignment when the language model is frozen, instruction tuning otherwise)",
-    }.get(stage, stage)
+    }[config.stage]
     lines.append(f"Training stage: {stage_text}.")
-    lines.append(f"Seed of every sparse decision: {r.get('seed')} (reproducible across processes and resumes).")
+    lines.append(f"Seed of every sparse decision: {config.seed} (reproducible across processes and resumes).")
     return lines
+
+
+def _describe_layer_skipping(config: SparseMLLMConfig) -> str:
+    policy = get_skip_policy(config.layer_skip_policy)
+    parts = [f"`{policy.name}` policy ({policy.describe(**config.skip_policy_fields())})"]
+    if "protect_layers" in policy.fields:  # the rule every policy that reads protect_layers follows
+        protect = config.protect_layers
+        parts.append(
+            {0: "no layer is protected", 1: "the first and the last decoder layer always run"}.get(
+                protect, f"the first and last {protect} decoder layers always run"
+            )
+        )
+    parts.append("a skipped layer is not executed on that step (no forward, no activations, no gradient)")
+    parts.append("slow steps skip layers too." if config.skip_on_slow_steps else "slow steps run every layer.")
+    when = " in the instruction stage" if config.stage_aware else ""
+    return f"Layer skipping{when}: " + "; ".join(parts)
 
 
 # ---- model cards -----------------------------------------------------------------------------------------------------
@@ -217,9 +213,9 @@ def render_model_card(
         repo_id=repo_id or model_name,
         model_type=model_type,
         dataset_list=dataset_list,
-        recipe_lines=describe_recipe(recipe_dict),
+        recipe_lines=describe_recipe(config),
         recipe_json=json.dumps({"model_type": config.model_type, **recipe_dict}, indent=2, sort_keys=True),
-        sparse_mllm_version=recipe_dict.get("sparse_mllm_version", __version__),
+        sparse_mllm_version=config.sparse_mllm_version,
         layer_skipping=recipe_dict.get("layer_skip_policy") is not None,
         speedup=speedup,
         samples_per_second=samples_per_second,

@@ -38,6 +38,11 @@ def pool_window(rows: int, cols: int, k: int) -> tuple[int, int] | None:
     return best
 
 
+def pool_stride(keep_ratio: float) -> int:
+    """The square pooling stride a `keep_ratio` asks for: `s = max(1, round(sqrt(1 / keep_ratio)))`."""
+    return max(1, round(math.sqrt(1 / keep_ratio)))
+
+
 def valid_pool_budgets(rows: int, cols: int) -> list[int]:
     """Every number of tokens that pooling a `rows x cols` grid can produce."""
     budgets = {math.ceil(rows / s) * math.ceil(cols / s) for s in range(1, max(rows, cols) + 1)}
@@ -89,8 +94,38 @@ class PoolCompressor(TokenCompressor):
             self._window(rows, cols, num_keep, argument="num_keep")
             return num_keep
         check_keep_ratio(keep_ratio)
-        stride = max(1, round(math.sqrt(1 / keep_ratio)))
+        stride = pool_stride(keep_ratio)
         return math.ceil(rows / stride) * math.ceil(cols / stride)
+
+    def describe_budget(self, keep_ratio: float = 1.0, num_keep: int | None = None) -> str:
+        """The stride-based budget in words (see [`~PoolCompressor.budget`]).
+
+        Example:
+
+        ```python
+        >>> from hf_sparse_mllm.compressors import get_compressor
+        >>> text = get_compressor("pool").describe_budget(keep_ratio=0.25)
+        >>> text[:64]
+        "averages each 2x2 window of an image's patch grid into one token"
+        >>> "ceil(rows / 2) * ceil(cols / 2) tokens" in text
+        True
+
+        ```
+        """
+        if num_keep is not None:
+            return (
+                f"averages each image's patch grid into {num_keep} tokens, one per pooling window (an image with at "
+                "most that many tokens keeps them all)"
+            )
+        stride = pool_stride(keep_ratio)
+        formula = f"s = max(1, round(sqrt(1 / {keep_ratio}))) = {stride}"
+        if stride == 1:
+            return f"keeps every visual token: keep_ratio={keep_ratio} gives a pooling stride of 1 ({formula})"
+        return (
+            f"averages each {stride}x{stride} window of an image's patch grid into one token (stride {formula}, so a "
+            f"rows x cols grid keeps ceil(rows / {stride}) * ceil(cols / {stride}) tokens: {100 / stride**2:.3g} % of "
+            f"a grid whose sides are multiples of {stride})"
+        )
 
     def select(self, features: torch.Tensor, k: int, **context) -> torch.LongTensor:
         rows, cols = resolve_grid_size(features.shape[1], context.get("grid_size"))

@@ -140,6 +140,24 @@ class TokenCompressor:
         check_keep_ratio(keep_ratio)
         return max(1, round(keep_ratio * num_tokens))
 
+    def describe_budget(self, keep_ratio: float = 1.0, num_keep: int | None = None) -> str:
+        """What the method keeps of each image, in words, for the model card: a predicate that follows the method's
+        name (`"`divprune` keeps 25 % of each image's visual tokens ..."`). A method whose [`~TokenCompressor.budget`]
+        differs describes its own.
+
+        Example:
+
+        ```python
+        >>> from hf_sparse_mllm.compressors import get_compressor
+        >>> get_compressor("divprune").describe_budget(keep_ratio=0.25)
+        "keeps 25 % of each image's visual tokens (k = max(1, round(0.25 N))), in raster order"
+
+        ```
+        """
+        if num_keep is not None:
+            return f"keeps {num_keep} visual tokens per image (all of an image with fewer), in raster order"
+        return f"keeps {100 * keep_ratio:g} % of each image's visual tokens (k = max(1, round({keep_ratio} N))), in raster order"
+
     def _check_inputs(self, features: torch.Tensor, k: int) -> int:
         if not isinstance(features, torch.Tensor) or features.dim() != 3:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
