@@ -1,4 +1,5 @@
-"""Offline tiny LLaVA: word tokenizer, chat template, processor, model builder and the vision-language collator."""
+"""Offline tiny models: word tokenizer, chat template, processors and model builders of every family (the collator's
+tests are in test_collator.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from hf_sparse_mllm import tiny
-from hf_sparse_mllm.data import collator as collator_module
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
 from hf_sparse_mllm.tiny import (
     TINY_LLAVA_PRESETS,
@@ -154,76 +154,6 @@ def _answer_tokens(tokenizer, labels: torch.Tensor) -> list[str]:
     return tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_collator_forward_and_answer_only_labels(built, processor, padding_side):
-    model, _ = built
-    processor.tokenizer.padding_side = padding_side
-    answers = ["red", "a blue circle", "no"]
-    samples = [_sample(answers[0]), _sample(answers[1], question="what is the object ?"), _sample(answers[2])]
-    batch = VisionLanguageCollator(processor)(samples)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
-    lengths = batch["attention_mask"].sum(1)
-    assert lengths.unique().numel() > 1  # the batch really is padded
-    pad_columns = batch["attention_mask"][:, 0 if padding_side == "left" else -1] == 0
-    assert pad_columns.any()
-    for row, answer in enumerate(answers):
-        assert _answer_tokens(processor.tokenizer, batch["labels"][row]) == [*answer.split(), "</s>"]
-        # Padding is where the tokenizer puts it, and the real tokens are contiguous.
-        real = batch["attention_mask"][row].nonzero().flatten()
-        assert (real.diff() == 1).all()
-        assert batch["input_ids"][row][batch["attention_mask"][row] == 0].eq(processor.tokenizer.pad_token_id).all()
-    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
-
-    with torch.no_grad():
-        out = model(**batch)
-    assert torch.isfinite(out.loss)
-    assert out.logits.shape == (*batch["input_ids"].shape, len(processor.tokenizer))
-
-
-def test_left_and_right_padding_hold_the_same_tokens(processor):
-    samples = make_dataset(3)
-    right = VisionLanguageCollator(processor)(samples)
-    processor.tokenizer.padding_side = "left"
-    left = VisionLanguageCollator(processor)(samples)
-    torch.testing.assert_close(left["pixel_values"], right["pixel_values"])
-    for key in ("input_ids", "labels"):
-        for row in range(3):
-            assert left[key][row][left["attention_mask"][row].bool()].tolist() == (
-                right[key][row][right["attention_mask"][row].bool()].tolist()
-            )
-
-
-def test_text_only_and_mixed_batches(built, processor):
-    model, _ = built
-    text_only = VisionLanguageCollator(processor)(make_dataset(2, with_image=False))
-    assert "pixel_values" not in text_only
-    assert (text_only["input_ids"] != processor.image_token_id).all()
-    mixed_samples = [_sample(image=False), _sample("green"), _sample("blue", image=False)]
-    mixed = VisionLanguageCollator(processor)(mixed_samples)
-    assert mixed["pixel_values"].shape[0] == 1
-    assert (mixed["input_ids"] == processor.image_token_id).sum(1).tolist() == [0, 16, 0]
-    assert _answer_tokens(processor.tokenizer, mixed["labels"][2]) == ["blue", "</s>"]
-    with torch.no_grad():
-        for batch in (text_only, mixed):
-            assert torch.isfinite(model(**batch).loss)
-
-
-def test_collator_max_length(processor):
-    samples = [_sample("a red circle")]
-    full = VisionLanguageCollator(processor)(samples)
-    cut = VisionLanguageCollator(processor, max_length=full["input_ids"].shape[1] - 2)(samples)
-    assert _answer_tokens(processor.tokenizer, cut["labels"][0]) == ["a", "red"]
-    with pytest.raises(ValueError, match=r"sample\(s\) \[1\]; use max_length >= 19"):
-        VisionLanguageCollator(processor, max_length=10)([_sample(image=False), *samples])
-
-
-def test_collator_rejects_template_without_generation_markers():
-    processor = build_tiny_processor(WORDS)
-    processor.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(ValueError, match="generation"):
-        VisionLanguageCollator(processor)
-
-
 def test_model_is_deterministic_and_round_trips(tmp_path, built, processor):
     model, _ = built
     again = build_tiny_llava(processor, seed=0)
@@ -299,7 +229,7 @@ NEEDS_NUM2WORDS = pytest.mark.skipif(
     "module",
     [
         pytest.param(m, marks=[NEEDS_NUM2WORDS] if m.__name__.endswith(".idefics") else [], id=m.__name__)
-        for m in [*TINY_MODULES, collator_module]
+        for m in TINY_MODULES
     ],
 )
 def test_docstring_examples(module):
