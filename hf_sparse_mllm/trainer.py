@@ -28,6 +28,7 @@ from .adapters import get_adapter, has_adapter
 from .compat import load_checkpoint_weights
 from .compressors import get_compressor
 from .config import SparseMLLMConfig
+from .data.collator import SKIPPED_SAMPLES_KEY
 from .dualspeed import (
     FAST,
     SLOW,
@@ -81,9 +82,12 @@ class SparseMetrics:
         "kl",
     )
 
+    COUNTERS = ("skipped_samples",)
+
     def __init__(self):
         self.sums = defaultdict(float)
         self.counts = defaultdict(int)
+        self.totals = defaultdict(float)
         self.samples = 0
         self.since = time.perf_counter()
 
@@ -91,79 +95,46 @@ class SparseMetrics:
         self.sums[name] += float(value)
         self.counts[name] += 1
 
+    def add(self, name: str, value: float) -> None:
+        """A counter (summed since the last log, not averaged), e.g. `skipped_samples`."""
+        self.totals[name] += float(value)
+
     def pop(self, sum_across_processes) -> dict[str, float]:
         """The averages (`sparse/<name>`) and `sparse/samples_per_second` since the last call; then start over."""
         stats = [self.sums[k] for k in self.KEYS] + [self.counts[k] for k in self.KEYS] + [self.samples]
+        stats += [self.totals[k] for k in self.COUNTERS]
         stats = sum_across_processes(torch.tensor(stats, dtype=torch.float64)).tolist()
         n = len(self.KEYS)
         logs = {f"sparse/{k}": round(stats[i] / stats[n + i], 4) for i, k in enumerate(self.KEYS) if stats[n + i]}
+        logs.update({f"sparse/{k}": stats[2 * n + 1 + i] for i, k in enumerate(self.COUNTERS) if k in self.totals})
         now = time.perf_counter()
         logs["sparse/samples_per_second"] = round(stats[2 * n] / max(now - self.since, 1e-9), 3)
         self.__init__()
         return logs
 
 
-class SparseMLLMTrainer(Trainer):
-    r"""
-    A [`~transformers.Trainer`] that trains vision-language models with compressed visual tokens (fast steps) and,
-    in the instruction stage, occasional all-token steps distilled from the fast mode (slow steps, DualSpeed); and,
-    with a `layer_skip_policy`, without some decoder layers on a step.
-
-    Everything else is the stock `Trainer`: evaluation, prediction and the saved model use all visual tokens, and
-    with `token_compressor=None` and no skipping training is identical to `Trainer`. Labels on image placeholder
-    tokens are never trained (they cannot be predicted, and their number changes on fast steps): they are masked,
-    with a warning the first time.
-
-    Args:
-        sparse_config ([`SparseMLLMConfig`], *optional*):
-            The sparse recipe. Defaults to `SparseMLLMConfig()` (DivPrune keeping 25 % of the visual tokens, 10 %
-            slow steps in the instruction stage).
-        *args, **kwargs:
-            Passed to [`~transformers.Trainer`] unchanged.
-
-    Example:
-
-    ```python
-    >>> from transformers import TrainingArguments
-    >>> from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
-    >>> from hf_sparse_mllm.data.collator import VisionLanguageCollator
-    >>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
-    >>> from PIL import Image
-    >>> model, processor = build_tiny_llava_and_processor("test", words=["red", "what", "color"])
-    >>> sample = {
-    ...     "images": [Image.new("RGB", (32, 32), "red")],
-    ...     "messages": [
-    ...         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]},
-    ...         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
-    ...     ],
-    ... }
-    >>> args = TrainingArguments("outputs/doctest", max_steps=2, per_device_train_batch_size=2, report_to="none",
-    ...                          remove_unused_columns=False, save_strategy="no", use_cpu=True)
-    >>> trainer = SparseMLLMTrainer(
-    ...     model=model, args=args, train_dataset=[sample] * 4, data_collator=VisionLanguageCollator(processor),
-    ...     sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.25),
-    ... )
-    >>> trainer.train().global_step
-    2
-    ```
-    """
+class SparseTrainingMixin:
+    """The sparse training shared by [`SparseMLLMTrainer`] (over `transformers.Trainer`) and
+    [`~hf_sparse_mllm.SparseSFTTrainer`] (over TRL's `SFTTrainer`): the step plan, the fast and slow forwards, the
+    sparse metrics, and the training state saved beside the weights. It overrides only standard `Trainer` hooks and
+    calls `super()` for everything it does not change."""
 
     # `compute_loss` returns a loss that is already scaled for gradient accumulation on every path, for every
     # architecture (the stock default depends on whether the model accepts loss kwargs).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, sparse_config=None, **kwargs):
+    def __init__(self, model=None, args=None, *pargs, sparse_config=None, **kwargs):
         if model is None:
             raise ValueError(f"{type(self).__name__} needs `model` (model_init is not supported).")
-        if args is None:
-            args = TrainingArguments(output_dir="trainer_output")
-        self._setup_sparse(model, args, sparse_config, compute_loss_func=kwargs.get("compute_loss_func"))
         super().__init__(model, self._sparse_args(args), *pargs, **kwargs)
+        if args is None:  # the parent built default arguments
+            self.args = self._sparse_args(self.args)
+        self._setup_sparse(self.model, sparse_config)
         self._check_processes()
 
     # ---- set-up (shared with SparseSFTTrainer) -----------------------------------------------------------------
 
-    def _setup_sparse(self, model, args, sparse_config, compute_loss_func=None) -> None:
+    def _setup_sparse(self, model, sparse_config) -> None:
         if sparse_config is None:
             sparse_config = SparseMLLMConfig()
         if not isinstance(sparse_config, SparseMLLMConfig):
@@ -197,11 +168,14 @@ class SparseMLLMTrainer(Trainer):
                 sparse_config.layer_skip_policy, sparse_config.skip_policy_fields(), num_layers, sparse_config.seed
             )
         self.image_token_id = _image_token_id(base)
-        _check_training_arguments(args, sparse_config, compute_loss_func=compute_loss_func)
+        if self.data_collator is not None and self.image_token_id is not None:
+            # Masked in the batches themselves, so that `Trainer` counts the trained tokens without them.
+            self.data_collator = ImageLabelMasking(self.data_collator, self.image_token_id)
+        _check_training_arguments(self.args, sparse_config, compute_loss_func=self.compute_loss_func)
         self._plan: StepPlan | None = None
         self._window = (-1, 0)  # (optimizer step, micro-batches seen in it)
         self._sparse_metrics = SparseMetrics()
-        self._warned_image_labels = False
+        self._image_label_warning = _WarnOnce()
         logger.info(
             "%s: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s layer_skip_policy=%s",
             type(self).__name__,
@@ -216,7 +190,7 @@ class SparseMLLMTrainer(Trainer):
     @staticmethod
     def _sparse_args(args):
         # A fast step leaves the isolator or (with vision_feature_layer=-2) vision parameters without gradients.
-        if args.ddp_find_unused_parameters is None:
+        if args is not None and args.ddp_find_unused_parameters is None:
             args = copy.copy(args)
             args.ddp_find_unused_parameters = True
         return args
@@ -325,10 +299,7 @@ class SparseMLLMTrainer(Trainer):
             if self.adapter is not None and "input_ids" in inputs:
                 self.adapter.layout(inputs)  # a clear error when the placeholders do not match the images
             loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-            stock_scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-            if not stock_scaled:
+            if not self._stock_loss_is_scaled(num_items_in_batch):
                 loss = loss / self._accumulation_steps()
             self._sparse_metrics.record("slow_step", 0.0)
             if "input_ids" in inputs:
@@ -336,23 +307,23 @@ class SparseMLLMTrainer(Trainer):
             return loss
         return self._sparse_loss(model, inputs, plan, num_items_in_batch)
 
+    def _stock_loss_is_scaled(self, num_items_in_batch) -> bool:
+        """Whether the parent's `compute_loss` already scales its loss for gradient accumulation (`Trainer`'s rule)."""
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
+
     def _mask_image_labels(self, inputs: dict) -> dict:
-        """Labels on image placeholder tokens become -100 (warned once): they are never meaningful targets."""
-        labels, input_ids = inputs.get("labels"), inputs.get("input_ids")
-        if labels is None or input_ids is None or self.image_token_id is None:
+        """Batches that did not come through the trainer's collator (e.g. `training_step` called directly)."""
+        if self.image_token_id is None:
             return inputs
-        on_images = (input_ids == self.image_token_id) & (labels != -100)
-        if not bool(on_images.any()):
-            return inputs
-        if not self._warned_image_labels:
-            self._warned_image_labels = True
-            logger.warning(
-                "The batch has labels on %d image placeholder tokens (id %d); they are not trained (set to -100). "
-                "Mask them in the collator to silence this warning.",
-                int(on_images.sum()),
-                self.image_token_id,
-            )
-        return {**inputs, "labels": labels.masked_fill(on_images, -100)}
+        return mask_image_labels(inputs, self.image_token_id, self._image_label_warning)
+
+    def _prepare_inputs(self, inputs):
+        skipped = inputs.pop(SKIPPED_SAMPLES_KEY, None) if isinstance(inputs, dict) else None
+        if skipped is not None and self.model.training:
+            self._sparse_metrics.add("skipped_samples", float(skipped))
+        return super()._prepare_inputs(inputs)
 
     def _sparse_loss(self, model, inputs, plan: StepPlan, num_items_in_batch):
         if "position_ids" in inputs and inputs.get("attention_mask") is None:
@@ -387,7 +358,12 @@ class SparseMLLMTrainer(Trainer):
             total = total + zero_visual_contribution(self.adapter, self.isolator)
         record("slow_step", float(plan.mode == SLOW))
         record("seq_len", seq_len)
+        self._record_answer_metrics(logits.detach(), targets, inputs)
         return self._scale_summed_loss(total, len(targets), num_items_in_batch)
+
+    def _record_answer_metrics(self, logits, targets, inputs) -> None:
+        """Metrics the parent trainer computes from its own forward (`SparseSFTTrainer`: TRL's entropy, token
+        accuracy and token count), here from the sparse forward's answer logits."""
 
     def _fast_compression(self, plan: StepPlan) -> Compression:
         config = self.sparse_config
@@ -546,6 +522,110 @@ class SparseMLLMTrainer(Trainer):
                 self._issue_warnings_after_load(result)
                 return
         super()._load_best_model()
+
+
+class SparseMLLMTrainer(SparseTrainingMixin, Trainer):
+    r"""
+    A [`~transformers.Trainer`] that trains vision-language models with compressed visual tokens (fast steps) and,
+    in the instruction stage, occasional all-token steps distilled from the fast mode (slow steps, DualSpeed); and,
+    with a `layer_skip_policy`, without some decoder layers on a step.
+
+    Everything else is the stock `Trainer`: evaluation, prediction and the saved model use all visual tokens, and
+    with `token_compressor=None` and no skipping training is identical to `Trainer`. Labels on image placeholder
+    tokens are never trained (they cannot be predicted, and their number changes on fast steps): they are masked,
+    with a warning the first time.
+
+    Args:
+        sparse_config ([`SparseMLLMConfig`], *optional*):
+            The sparse recipe. Defaults to `SparseMLLMConfig()` (DivPrune keeping 25 % of the visual tokens, 10 %
+            slow steps in the instruction stage).
+        peft_config (`peft.PeftConfig`, *optional*):
+            Wrap the model with `peft.get_peft_model` first (as `SFTTrainer` does); the mode isolator is trained beside
+            the adapter and never saved into it. A model already wrapped with `get_peft_model` works as well.
+        *args, **kwargs:
+            Passed to [`~transformers.Trainer`] unchanged.
+
+    Example:
+
+    ```python
+    >>> from transformers import TrainingArguments
+    >>> from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
+    >>> from hf_sparse_mllm.data.collator import VisionLanguageCollator
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
+    >>> from PIL import Image
+    >>> model, processor = build_tiny_llava_and_processor("test", words=["red", "what", "color"])
+    >>> sample = {
+    ...     "images": [Image.new("RGB", (32, 32), "red")],
+    ...     "messages": [
+    ...         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]},
+    ...         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ...     ],
+    ... }
+    >>> args = TrainingArguments("outputs/doctest", max_steps=2, per_device_train_batch_size=2, report_to="none",
+    ...                          remove_unused_columns=False, save_strategy="no", use_cpu=True)
+    >>> trainer = SparseMLLMTrainer(
+    ...     model=model, args=args, train_dataset=[sample] * 4, data_collator=VisionLanguageCollator(processor),
+    ...     sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.25),
+    ... )
+    >>> trainer.train().global_step
+    2
+    ```
+    """
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, peft_config=None, **kwargs):
+        if peft_config is not None:
+            model = _wrap_with_peft(model, peft_config)
+        super().__init__(model, args, *pargs, **kwargs)
+
+
+class _WarnOnce:
+    def __init__(self):
+        self.warned = False
+
+
+def mask_image_labels(batch: dict, image_token_id: int, warning: _WarnOnce | None = None) -> dict:
+    """`batch` with labels of -100 on the image placeholder tokens, which are never meaningful targets (they cannot
+    be predicted, and their number changes on fast steps); a warning the first time any are found."""
+    labels, input_ids = batch.get("labels"), batch.get("input_ids")
+    if labels is None or input_ids is None:
+        return batch
+    on_images = (input_ids == image_token_id) & (labels != -100)
+    if not bool(on_images.any()):
+        return batch
+    if warning is not None and not warning.warned:
+        warning.warned = True
+        logger.warning(
+            "The batch has labels on %d image placeholder tokens (id %d); they are not trained (set to -100). "
+            "Mask them in the collator to silence this warning.",
+            int(on_images.sum()),
+            image_token_id,
+        )
+    return {**batch, "labels": labels.masked_fill(on_images, -100)}
+
+
+class ImageLabelMasking:
+    """A data collator wrapper applying [`mask_image_labels`] to every batch (the trainers wrap theirs with it)."""
+
+    def __init__(self, collator, image_token_id: int):
+        self.collator = collator
+        self.image_token_id = image_token_id
+        self.warning = _WarnOnce()
+
+    def __call__(self, features):
+        return mask_image_labels(self.collator(features), self.image_token_id, self.warning)
+
+
+def _wrap_with_peft(model, peft_config):
+    """`get_peft_model(model, peft_config)`, as `SFTTrainer` does with its `peft_config` argument."""
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError:
+        raise ImportError("peft_config needs the `peft` package: `pip install peft`.") from None
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
+    if model_parts.base_model(model) is not model:
+        raise ValueError("The model is already a PeftModel: pass either it or peft_config, not both.")
+    return get_peft_model(model, peft_config)
 
 
 def _image_token_id(model) -> int | None:
