@@ -511,6 +511,8 @@ def test_image_feature_decoding_errors_name_the_index(processor):
         VisionLanguageCollator(processor)([single[1], single[2]])
     with pytest.raises(ValueError, match="applied twice"):
         index_samples(indexed)
+    with pytest.raises(TypeError, match=r"map-style dataset(.|\n)*decode\(False\)"):
+        index_samples(dataset.to_iterable_dataset())
 
 
 def test_skipped_counter_from_worker_processes(processor):
