@@ -1,8 +1,9 @@
 """`SparseMLLMConfig`: the sparse-training recipe, saved next to the model under its own file name.
 
-Every field's type, range and allowed names are declared once, in its annotation (`Annotated[float, Interval("(0,
-1]")]`); construction checks and converts every value from that declaration, so Python, YAML and command-line values
-are held to the same rules. `transformers.HfArgumentParser(SparseMLLMConfig)` turns each field into a flag.
+Each field's type, range and allowed names are declared once, in its annotation (for example
+`Annotated[float, Interval("(0, 1]")]`). Construction checks and converts every value from that declaration, so
+Python, YAML and command-line values follow the same rules, and `transformers.HfArgumentParser(SparseMLLMConfig)` turns
+each field into a flag with its help string.
 """
 
 from __future__ import annotations
@@ -284,16 +285,10 @@ class SparseMLLMConfig(PushToHubMixin):
             return
         policy = get_skip_policy(self.layer_skip_policy)
         policy.validate(**self.skip_policy_fields())
-        read_by_some_policy = {
-            name for policy_name in list_skip_policies() for name in get_skip_policy(policy_name).fields
-        }
         unused = [
             f.name
             for f in fields(self)
-            if f.name in _SKIP_FIELDS
-            and f.name in read_by_some_policy
-            and f.name not in policy.fields
-            and getattr(self, f.name) != f.default
+            if f.name in _SKIP_FIELDS and f.name not in policy.fields and getattr(self, f.name) != f.default
         ]
         if unused:
             logger.warning(

@@ -15,6 +15,7 @@ import doctest
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from transformers import AutoConfig, LlavaConfig
 
 from hf_sparse_mllm import SPARSE_CONFIG_NAME, SparseMLLMConfig, SparseMLLMTrainer, __version__
 from hf_sparse_mllm import hub as hub_module
+from hf_sparse_mllm.compressors import get_compressor
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
 from hf_sparse_mllm.hub import model_card_template_path, render_model_card
 
@@ -529,6 +531,22 @@ def test_model_card_describes_layer_skipping(skip_on_slow_steps):
     assert "`stochastic` policy (skip probability rising linearly with depth up to 0.5)" in text
     assert ("slow steps skip layers too" in text) == skip_on_slow_steps
     assert ("slow steps run every layer" in text) != skip_on_slow_steps
+
+
+@pytest.mark.parametrize("keep_ratio", [0.05, 0.1, 0.25, 0.3, 0.5])
+def test_model_card_describes_the_pool_budget_by_its_stride(keep_ratio):
+    """`pool` keeps ceil(rows / s) * ceil(cols / s) tokens for a stride s, not round(keep_ratio * N): the card says so."""
+    text = render_model_card(SparseMLLMConfig(token_compressor="pool", keep_ratio=keep_ratio), model_name="m").text
+    stride = int(re.search(rf"s = max\(1, round\(sqrt\(1 / {keep_ratio}\)\)\) = (\d+)", text).group(1))
+    for rows, cols in [(24, 24), (5, 7)]:
+        budget = get_compressor("pool").budget(rows * cols, keep_ratio, grid_size=(rows, cols))
+        assert budget == math.ceil(rows / stride) * math.ceil(cols / stride)
+    if stride == 1:
+        assert "`pool` keeps every visual token" in text
+    else:
+        assert f"`pool` averages each {stride}x{stride} window" in text
+        assert f"ceil(rows / {stride}) * ceil(cols / {stride}) tokens" in text
+    assert f"round({keep_ratio} N)" not in text
 
 
 def test_model_card_template_ships_inside_the_package():

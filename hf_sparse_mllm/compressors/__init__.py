@@ -14,6 +14,7 @@ from .registry import (
     list_compressors,
     register_compressor,
     resolve_grid_size,
+    unregister_compressor,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "list_compressors",
     "register_compressor",
     "resolve_grid_size",
+    "unregister_compressor",
 ]

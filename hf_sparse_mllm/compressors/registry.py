@@ -2,7 +2,8 @@
 
 A compressor picks, for every image, which of its `num_tokens` projected visual tokens survive on a fast step. A new
 method is one file with one class: subclass [`TokenCompressor`], implement `select`, decorate it with
-[`register_compressor`]. The registry is a plain module-level dict.
+[`register_compressor`]; a method whose budget is not `round(keep_ratio * num_tokens)` also overrides `budget` and
+`describe_budget` (the model card's wording). The registry is a plain module-level dict.
 
 Example:
 
@@ -231,6 +232,14 @@ def get_compressor(name: str) -> TokenCompressor:
             "Add a new one with @register_compressor(name)."
         )
     return _COMPRESSORS[name]
+
+
+def unregister_compressor(name: str) -> TokenCompressor:
+    """Remove the compressor registered under `name` and return it (e.g. to register a new version of a method under
+    the same name in a notebook, or to clean up after a test)."""
+    compressor = get_compressor(name)
+    del _COMPRESSORS[name]
+    return compressor
 
 
 def list_compressors() -> list[str]:

@@ -334,7 +334,7 @@ def evaluate(
     finally:
         model.train(was_training)
 
-    from .. import __version__
+    from .._version import __version__
 
     configs = {}
     for task in tasks:

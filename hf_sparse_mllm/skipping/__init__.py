@@ -2,7 +2,7 @@
 
 from . import fixed, redundancy, stochastic  # noqa: F401  (registration)
 from .bypass import RedundancyMeter, bypass_layers
-from .registry import SkipPolicy, get_skip_policy, list_skip_policies, register_skip_policy
+from .registry import SkipPolicy, get_skip_policy, list_skip_policies, register_skip_policy, unregister_skip_policy
 from .schedule import LayerSkipper
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "get_skip_policy",
     "list_skip_policies",
     "register_skip_policy",
+    "unregister_skip_policy",
 ]

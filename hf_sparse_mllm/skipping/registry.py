@@ -118,5 +118,13 @@ def get_skip_policy(name: str) -> SkipPolicy:
     return _POLICIES[name]
 
 
+def unregister_skip_policy(name: str) -> SkipPolicy:
+    """Remove the policy registered under `name` and return it (e.g. to register a new version of a policy under the
+    same name in a notebook, or to clean up after a test)."""
+    policy = get_skip_policy(name)
+    del _POLICIES[name]
+    return policy
+
+
 def list_skip_policies() -> list[str]:
     return sorted(_POLICIES)
