@@ -268,6 +268,8 @@ class SparseTrainingMixin:
         micro = self._window[1] if self._window[0] == step else 0
         self._window = (step, micro + 1)
         plan = self.plan_step(step, micro)
+        if micro == 0 and self.accelerator.num_processes > 1:
+            self._check_same_plan_on_every_process(plan)
         self._sparse_metrics.samples += int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else 0
         if self.layer_skipping_active:
             self._sparse_metrics.record("skipped_layers", len(plan.skipped_layers))
@@ -283,6 +285,27 @@ class SparseTrainingMixin:
         if plan.measuring:
             self.layer_skipper.finish_measurement(step, self._sum_across_processes)
         return loss
+
+    def _check_same_plan_on_every_process(self, plan: StepPlan) -> None:
+        """Fail loudly, not with a hang or silently halved gradients, if processes ever disagree on a step's plan.
+
+        Decisions are pure functions of the seed, the step and state averaged across processes, so this only catches
+        a bug or processes started with different recipes; it costs one small all-gather per optimizer step.
+        """
+        skipped = torch.zeros(self.layer_skipper.num_layers if self.layer_skipper is not None else 0)
+        skipped[list(plan.skipped_layers)] = 1
+        mine = torch.cat([torch.tensor([plan.step, plan.mode == SLOW, plan.measuring]), skipped])
+        every = self.accelerator.gather(mine.to(self.args.device).unsqueeze(0)).cpu()
+        if not bool((every == every[0]).all()):
+            described = [
+                f"process {rank}: mode={'slow' if row[1] else 'fast'}, measuring={bool(row[2])}, "
+                f"skipped layers {row[3:].nonzero().flatten().tolist()}"
+                for rank, row in enumerate(every)
+            ]
+            raise RuntimeError(
+                f"Processes disagree on the plan of optimizer step {plan.step} (same seed and recipe expected on every "
+                f"process): {'; '.join(described)}."
+            )
 
     def _sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.args.device)
