@@ -184,6 +184,8 @@ def test_saved_file_round_trips_and_loading_takes_overrides(tmp_path):
         (dict(layer_skip_policy="redundancy", max_skip_prob="0"), r"max_skip_prob=0.0 never skips a layer"),
         (dict(layer_skip_policy="fixed"), "needs skip_layers"),
         (dict(layer_skip_policy="fixed", skip_layers=[]), "needs skip_layers"),
+        # layer 0 is protected whatever the depth
+        (dict(layer_skip_policy="fixed", skip_layers=[0, 2]), r"skip_layers \[0\] are protected by protect_layers=1"),
     ],
 )
 def test_settings_that_never_skip_are_rejected_at_construction(kwargs, pattern):
@@ -202,9 +204,9 @@ def test_settings_that_never_skip_are_rejected_at_construction(kwargs, pattern):
         # floor(0.2 * 2 unprotected layers) = 0 layers a step
         (dict(layer_skip_policy="redundancy", max_skip_prob=0.2), 4, r"= min\(1, 0\) = 0 layers a step"),
         (
-            dict(layer_skip_policy="fixed", skip_layers=[0, 2]),
+            dict(layer_skip_policy="fixed", skip_layers=[2, 3]),
             4,
-            r"skip_layers \[0\] are protected by protect_layers=1",
+            r"skip_layers \[3\] are protected by protect_layers=1",
         ),
         (dict(layer_skip_policy="fixed", skip_layers=[2], protect_layers=2), 4, r"skip_layers \[2\] are protected"),
         (dict(layer_skip_policy="fixed", skip_layers=[4]), 4, r"skip_layers \[4\] are out of range"),

@@ -17,6 +17,13 @@ class FixedSkipPolicy(SkipPolicy):
         if not skip_layers:
             raise ValueError("layer_skip_policy='fixed' needs skip_layers, a non-empty list of decoder layer indices.")
         if num_layers is None:
+            # The first `protect_layers` layers are protected whatever the depth; the last ones need it.
+            first = sorted(i for i in set(skip_layers) if i < protect_layers)
+            if first:
+                raise ValueError(
+                    f"skip_layers {first} are protected by protect_layers={protect_layers} (the first and last "
+                    f"{protect_layers} decoder layers always run): drop them or set protect_layers=0."
+                )
             return
         bad = sorted(i for i in set(skip_layers) if i >= num_layers)
         if bad:
