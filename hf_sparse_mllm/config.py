@@ -121,6 +121,28 @@ def _read_by(name: str) -> str:
 # ---- the configuration -----------------------------------------------------------------------------------------------
 
 
+def _suggest_fields_for_unknown_arguments(cls):
+    """Class decorator: an unknown keyword argument is a `TypeError` that suggests the closest field (the dataclass
+    `__init__` rejects it too, but without saying which field was meant)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        own = [f.name for f in fields(cls)]
+        unknown = [key for key in kwargs if key not in own]
+        if unknown:
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, own, n=1)) else repr(k)
+                for k in unknown
+            ]
+            raise TypeError(f"{cls.__name__} got unexpected keyword arguments {', '.join(hints)}. Fields: {own}.")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_suggest_fields_for_unknown_arguments
 @dataclass(kw_only=True)
 class SparseMLLMConfig(PushToHubMixin):
     r"""
@@ -260,18 +282,6 @@ class SparseMLLMConfig(PushToHubMixin):
     skip_on_slow_steps: bool = _option(False, "Skip layers on slow (all-token) steps too, not only on fast steps.")
     stage_aware: bool = _option(True, "Skip layers and take slow steps only in the instruction stage.")
     sparse_mllm_version: str = _option(__version__, "Version of hf-sparse-mllm that wrote this config.")
-
-    def __new__(cls, *args, **kwargs):
-        # The dataclass `__init__` would reject a misspelt field too, but without saying which one was meant.
-        own = [f.name for f in fields(cls)]
-        unknown = [key for key in kwargs if key not in own]
-        if unknown:
-            hints = [
-                f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, own, n=1)) else repr(k)
-                for k in unknown
-            ]
-            raise TypeError(f"SparseMLLMConfig got unexpected keyword arguments {', '.join(hints)}. Fields: {own}.")
-        return super().__new__(cls)
 
     def __post_init__(self):
         for spec in _field_specs():
