@@ -84,9 +84,9 @@ def skip_set(num_layers: int, fraction: float) -> list[int]:
 def force_step_mode(trainer, mode: str) -> None:
     """Make every step of `trainer` a `mode` step: `"fast"`, `"slow"`, or `"plain"` (a fast step whose recipe has no
     compressor, so only layer skipping changes it)."""
-    # The benchmark times each kind of step on its own, but `SparseMLLMTrainer` chooses a step's mode from its
-    # schedule and has no public way to set it: this replaces the trainer's `step_mode` method, the one trainer
-    # internal the benchmark overrides.
+    # The benchmark times each kind of step on its own, while `SparseMLLMTrainer` takes each step's mode from its
+    # schedule: replacing the trainer's `step_mode` method makes every step take `mode`. It is the one trainer
+    # internal the benchmark relies on.
     trainer.step_mode = lambda step: "fast" if mode == "plain" else mode
 
 
@@ -134,6 +134,8 @@ def sync(device):
 
 
 def time_variants(shape, opts):
+    from hf_sparse_mllm.compressors import get_compressor
+
     torch.manual_seed(0)
     device = opts["device"]
     model, batch = build(shape, opts["batch_size"], opts["text_tokens"], device)
@@ -150,18 +152,18 @@ def time_variants(shape, opts):
                 times[name].append(time.perf_counter() - start)
         print(f"[bench] {shape}: round {round_ + 1}/{opts['warmup'] + opts['steps']}", flush=True)
 
-    sparse = trainers["fast"]
-    keep, iso = sparse.num_keep, sparse.sparse_config.num_isolator_tokens
-    features = torch.randn(
-        opts["batch_size"], sparse.adapter.tokens_per_image(), sparse.adapter.hidden_size(), device=device
-    )
+    # The compressor alone, on projected features of the batch's shape: the budget and the call are the registry's.
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    compressor = get_compressor(opts["compressor"])
+    keep = compressor.budget(num_tokens=side * side, keep_ratio=opts["keep_ratio"], grid_size=(side, side))
+    iso = trainers["fast"].sparse_config.num_isolator_tokens
+    features = torch.randn(opts["batch_size"], side * side, model.config.text_config.hidden_size, device=device)
     compressor_times = []
     for _ in range(opts["steps"]):
         sync(device)
         start = time.perf_counter()
-        sparse.compressor.compress(
-            features, keep, generator=torch.Generator().manual_seed(0), grid_size=sparse.adapter.grid_size()
-        )
+        compressor.compress(features, keep, generator=torch.Generator().manual_seed(0), grid_size=(side, side))
         sync(device)
         compressor_times.append(time.perf_counter() - start)
     flops = {name: ideal_flops(model, batch, name, keep, iso) for name in trainers}

@@ -158,3 +158,19 @@ def test_every_recipe_is_a_valid_sparse_config(bench):
             sparse = config.sparse_config(**spec)  # unknown fields and values out of range raise here
             assert {k: sparse.recipe_dict()[k] for k in spec} == spec, f"{preset}: {name}"
             sparse.check_decoder_depth(config.model.num_hidden_layers)
+
+
+@pytest.mark.parametrize(
+    "results,preset",
+    [
+        ("accuracy.json", "bench"),
+        ("accuracy-bench-deep.json", "bench-deep"),
+        ("bench-deep-3seeds/accuracy-bench-deep.json", "bench-deep"),
+        ("accuracy-bench-deep8.json", "bench-deep8"),
+    ],
+)
+def test_committed_results_match_their_presets(bench, results, preset):
+    """The presets are the ones the committed results were measured with (same data, model shapes, seeds, steps)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / results
+    saved = json.loads(path.read_text())["config"]
+    assert bench.DemoConfig.from_dict(saved) == bench.DEMO_PRESETS[preset]

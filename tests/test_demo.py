@@ -89,8 +89,9 @@ def test_quick_demo_accuracy_is_the_evaluation_packages(quick_demo):
 
 
 def test_harness_scoring_is_evaluate(quick_demo, tmp_path):
-    """The harness's scoring (final evaluation and curve points) is `evaluate` on `sparse_vqa`, answer for answer,
-    here on an untrained model, whose answers are varied words rather than the smoke run's empty ones."""
+    """The harness's scoring (a curve point: the first `curve_samples` test questions) is `evaluate` on `sparse_vqa`,
+    answer for answer, here on an untrained model, whose answers are varied words rather than the smoke run's empty
+    ones."""
     from benchmarks.harness import build_model, score_vqa, vqa_task
     from hf_sparse_mllm.data.vqa import load_vqa_dataset
 
@@ -99,16 +100,14 @@ def test_harness_scoring_is_evaluate(quick_demo, tmp_path):
     model, processor = build_model(config)
     data = out.parent / "data" / dataset_name(config)
     test = load_vqa_dataset(str(data))["test"]
-    accuracy = score_vqa(model, processor, vqa_task(test), batch_size=config.eval_batch_size, output_dir=tmp_path)
-    results = evaluate(model, processor, [get_task("sparse_vqa", dataset_path=data)], progress=False)
+    limit = config.curve_samples
+    accuracy = score_vqa(model, processor, vqa_task(test), limit=limit, output_dir=tmp_path, progress=False)
+    results = evaluate(model, processor, [f"sparse_vqa={data}"], limit=limit, progress=False)
     assert accuracy == accuracy_by_family(results)
     lines = (tmp_path / "samples_sparse_vqa.jsonl").read_text().splitlines()
     answers = [json.loads(line)["filtered_resps"][0] for line in lines]
     assert answers == [s["filtered_resps"][0] for s in results["samples"]["sparse_vqa"]]
-    assert len({a for a in answers if a}) > 3, answers
-    limited = evaluate(model, processor, [f"sparse_vqa={data}"], limit=config.curve_samples, progress=False)
-    curve_point = score_vqa(model, processor, vqa_task(test), limit=config.curve_samples, progress=False)
-    assert curve_point == accuracy_by_family(limited)
+    assert len(answers) == limit and len(set(answers)) > 3, answers
 
 
 @pytest.mark.parametrize("image_first", [False, True])

@@ -190,17 +190,10 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
     # The combined recipe with 8 decoder layers: the language model dominates the step (the baseline takes more than
     # twice as long as with 4), and skipping a layer is an eighth of the depth, not a quarter.
     "bench-deep8": DemoConfig(model=dataclasses.replace(DEMO_MODEL, image_size=192, num_hidden_layers=8)),
-    # A smoke run (tests, `--quick`): 16 visual tokens, a few steps, seconds.
+    # A smoke run (tests, `--quick`): the demo's model at 64 px (16 visual tokens) and narrower, a few steps, seconds.
     "quick": DemoConfig(
-        model=TinyLlavaPreset(
-            image_size=64,
-            patch_size=16,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vision_hidden_size=16,
-            vision_layers=1,
+        model=dataclasses.replace(
+            DEMO_MODEL, image_size=64, hidden_size=32, intermediate_size=64, vision_hidden_size=16
         ),
         train_samples=64,
         test_samples=24,

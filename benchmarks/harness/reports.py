@@ -160,21 +160,24 @@ def write_plots(report: dict[str, Any], output_dir: str | os.PathLike) -> list[s
     import matplotlib.pyplot as plt
 
     output_dir = Path(output_dir)
-    paths = []
+
+    def save(fig, ax, name, xlabel, ylabel, title):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / name, dpi=100)
+        plt.close(fig)
+        return str(output_dir / name)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in report["runs"].items():
         if run["loss_history"]:
             steps, losses = zip(*run["loss_history"])
             ax.plot(steps, losses, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
     ax.set_yscale("log")
-    ax.set_title("Training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(output_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    paths.append(str(output_dir / "loss.png"))
+    paths = [save(fig, ax, "loss.png", "optimizer step", "training loss", "Training loss")]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in report["runs"].items():
@@ -188,12 +191,6 @@ def write_plots(report: dict[str, Any], output_dir: str | os.PathLike) -> list[s
     blind = report.get("blind_baseline", {}).get("overall")
     if blind is not None:
         ax.axhline(100 * blind, color="grey", linestyle="--", label="blind (question only)")
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("test accuracy, all visual tokens (%)")
-    ax.set_title("Accuracy vs training time")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(output_dir / "accuracy_vs_time.png", dpi=100)
-    plt.close(fig)
-    paths.append(str(output_dir / "accuracy_vs_time.png"))
+    ylabel = "test accuracy, all visual tokens (%)"
+    paths.append(save(fig, ax, "accuracy_vs_time.png", "training time (s)", ylabel, "Accuracy vs training time"))
     return paths
