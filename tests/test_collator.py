@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import WORDS, make_dataset, make_sample, tiny_llava, training_args
 from PIL import Image
-from transformers import Trainer
 
+from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
 from hf_sparse_mllm.data import collator as collator_module
 from hf_sparse_mllm.data import samples as samples_module
 from hf_sparse_mllm.data.collator import SKIPPED_SAMPLES_KEY, VisionLanguageCollator
@@ -534,24 +534,17 @@ def test_indexed_dataset_reports_getitem_errors(processor):
     assert [int(b[SKIPPED_SAMPLES_KEY]) for b in batches] == [1, 0]
 
 
-def test_trainer_run_completes_with_skipped_samples(tmp_path):
-    """What the trainer will do: pop the count before the forward; with workers the run completes and counts them."""
+def test_trainer_run_completes_and_logs_skipped_samples(tmp_path):
+    """With two DataLoader workers, the trainer pops the count from each batch and logs it as sparse/skipped_samples."""
     model, processor = tiny_llava()
-
-    class CountingTrainer(Trainer):
-        skipped = 0
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            self.skipped += int(inputs.pop(SKIPPED_SAMPLES_KEY))
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
     dataset = IndexedDataset(_Flaky(make_dataset(8), failing={0, 5}))
-    args = training_args(tmp_path, max_steps=4, dataloader_num_workers=2)
-    trainer = CountingTrainer(
+    trainer = SparseMLLMTrainer(
         model=model,
-        args=args,
+        args=training_args(tmp_path, max_steps=4, dataloader_num_workers=2),
         train_dataset=dataset,
         data_collator=VisionLanguageCollator(processor, skip_bad_samples=True),
+        sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.5),
     )
     trainer.train()
-    assert trainer.skipped == 2 and trainer.state.global_step == 4
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4 and sum(entry["sparse/skipped_samples"] for entry in logs) == 2
