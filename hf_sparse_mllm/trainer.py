@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 
-from . import hub, model_parts
+from . import checkpoints, hub, model_parts
 from .adapters import get_adapter, has_adapter
 from .compat import load_checkpoint_weights
 from .compressors import get_compressor
@@ -45,9 +46,6 @@ from .sparse_forward import Compression, compress_batch, sparse_hooks, zero_visu
 
 logger = logging.getLogger(__name__)
 
-ISOLATOR_FILE = "sparse_mllm_isolator.safetensors"
-SPARSE_STATE_FILE = "sparse_mllm_state.json"
-
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -68,6 +66,16 @@ class StepPlan:
     measuring: bool = False
 
 
+@dataclass
+class StepHealth:
+    """What the micro-batches of one optimizer step showed: checked before the optimizer step."""
+
+    plan: StepPlan
+    nonfinite_loss: bool = False
+    trained_tokens: int = 0
+    tokens_per_image: list[float] = field(default_factory=list)
+
+
 class SparseMetrics:
     """Sums and counts of the sparse metrics since the last log, averaged over processes when logged."""
 
@@ -82,7 +90,7 @@ class SparseMetrics:
         "kl",
     )
 
-    COUNTERS = ("skipped_samples",)
+    COUNTERS = ("skipped_samples", "nonfinite_steps", "empty_batches")
 
     def __init__(self):
         self.sums = defaultdict(float)
@@ -176,6 +184,8 @@ class SparseTrainingMixin:
         self._window = (-1, 0)  # (optimizer step, micro-batches seen in it)
         self._sparse_metrics = SparseMetrics()
         self._image_label_warning = _WarnOnce()
+        self._health: StepHealth | None = None
+        self._nonfinite_in_a_row = 0
         logger.info(
             "%s: stage=%s compressor=%s keep_ratio=%s slow_mode_prob=%s isolator_tokens=%s layer_skip_policy=%s",
             type(self).__name__,
@@ -245,7 +255,14 @@ class SparseTrainingMixin:
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, restart_isolator: bool = False, **kwargs):
+        """[`~transformers.Trainer.train`], resuming the sparse state too.
+
+        `resume_from_checkpoint=True` takes the newest *complete* checkpoint (present on every process, for
+        `save_on_each_node` without shared storage) and says which incomplete ones it passed over. A checkpoint of a
+        run with a mode isolator must hold it: resuming without it is an error, unless `restart_isolator=True`
+        (the isolator then restarts from its initial value).
+        """
         if self.isolator is not None and self.optimizer is not None:
             if not any(p is self.isolator.tokens for group in self.optimizer.param_groups for p in group["params"]):
                 raise ValueError(
@@ -254,10 +271,10 @@ class SparseTrainingMixin:
                     "create it."
                 )
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = self._newest_complete_checkpoint()
         if resume_from_checkpoint:
             # Here rather than in `_load_from_checkpoint`, which DeepSpeed runs skip.
-            self._load_sparse_state(resume_from_checkpoint)
+            self._load_sparse_state(resume_from_checkpoint, restart_isolator)
         self._sparse_metrics.since = time.perf_counter()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.create_model_card()  # the card describes the finished run too (main process only)
@@ -268,8 +285,17 @@ class SparseTrainingMixin:
         micro = self._window[1] if self._window[0] == step else 0
         self._window = (step, micro + 1)
         plan = self.plan_step(step, micro)
-        if micro == 0 and self.accelerator.num_processes > 1:
-            self._check_same_plan_on_every_process(plan)
+        if micro == 0:
+            self._health = StepHealth(plan)
+            if self.accelerator.num_processes > 1:
+                self._check_same_plan_on_every_process(plan)
+        labels = inputs.get("labels")
+        if labels is not None:
+            trained = int((labels[..., 1:] != -100).sum())
+            self._health.trained_tokens += trained
+            if trained == 0 and num_items_in_batch is None:
+                # The model's mean over no token would be 0 / 0: a sum over none, divided by one, is the zero it is.
+                num_items_in_batch = torch.ones((), dtype=torch.long, device=labels.device)
         self._sparse_metrics.samples += int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else 0
         if self.layer_skipping_active:
             self._sparse_metrics.record("skipped_layers", len(plan.skipped_layers))
@@ -282,9 +308,76 @@ class SparseTrainingMixin:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._plan = None
-        if plan.measuring:
-            self.layer_skipper.finish_measurement(step, self._sum_across_processes)
+        self._health.nonfinite_loss |= not bool(torch.isfinite(loss).all())
+        if plan.measuring and not self.layer_skipper.finish_measurement(step, self._sum_across_processes):
+            logger.warning(
+                "Non-finite layer redundancy measured at step %d (%s step): the previous measurement stays in use and "
+                "the next step measures again.",
+                step,
+                plan.mode,
+            )
+            self._count_step("nonfinite_steps")
         return loss
+
+    # ---- before the optimizer step -----------------------------------------------------------------------------
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The training loop computes the gradient norm once per optimizer step, just before `optimizer.step()`: the
+        # place to drop a step whose loss or gradients are not finite, or that trains no token.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self._health is not None:
+            self._check_step_health(model, grad_norm)
+        return grad_norm
+
+    def _check_step_health(self, model, grad_norm) -> None:
+        health, self._health = self._health, None
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        nonfinite = health.nonfinite_loss or not math.isfinite(norm)
+        flags = self._sum_across_processes(torch.tensor([float(nonfinite), float(health.trained_tokens)]))
+        plan = health.plan
+        if flags[1] == 0:
+            logger.warning("Step %d trains no token (every label is -100): the optimizer step is skipped.", plan.step)
+            self._drop_gradients(model)
+            self._count_step("empty_batches")
+            return
+        if flags[0] == 0:
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        limit = self.sparse_config.max_nonfinite_steps
+        kept = ", ".join(f"{t:g}" for t in health.tokens_per_image) or "all"
+        logger.warning(
+            "Non-finite %s at step %d (%s step, skipped layers %s, visual tokens per image %s): the optimizer step is "
+            "skipped (%d in a row; training stops at %d).",
+            "loss" if health.nonfinite_loss else f"gradient norm ({norm})",
+            plan.step,
+            plan.mode,
+            list(plan.skipped_layers),
+            kept,
+            self._nonfinite_in_a_row,
+            limit,
+        )
+        self._drop_gradients(model)
+        self._count_step("nonfinite_steps")
+        if self._nonfinite_in_a_row >= limit:
+            self.log(self._sparse_metrics.pop(self._sum_across_processes))  # the counters reach the logs first
+            raise RuntimeError(
+                f"{self._nonfinite_in_a_row} consecutive optimizer steps had a non-finite loss or gradient (the last "
+                f"at step {plan.step}, a {plan.mode} step skipping layers {list(plan.skipped_layers)}): stopping "
+                f"(SparseMLLMConfig.max_nonfinite_steps={limit}). Check for inf/NaN weights or a too-high learning rate."
+            )
+
+    def _drop_gradients(self, model) -> None:
+        """Make `optimizer.step()` a no-op: optimizers skip parameters without a gradient."""
+        if self.is_deepspeed_enabled:
+            logger.warning("DeepSpeed keeps its own gradients: this step cannot be skipped here.")
+        for parameter in model.parameters():
+            parameter.grad = None
+
+    def _count_step(self, name: str) -> None:
+        # Step-level events are the same on every process: count them once.
+        if self.accelerator.is_main_process:
+            self._sparse_metrics.add(name, 1)
 
     def _check_same_plan_on_every_process(self, plan: StepPlan) -> None:
         """Fail loudly, not with a hang or silently halved gradients, if processes ever disagree on a step's plan.
@@ -376,6 +469,8 @@ class SparseTrainingMixin:
             record("kl", kl.item() / n)
         if layout.runs:
             record("visual_tokens_per_image", tokens_per_image)
+            if self._health is not None:
+                self._health.tokens_per_image.append(tokens_per_image)
         else:
             # Every process runs the vision tower and the isolator on every step, whatever its micro-batch holds.
             total = total + zero_visual_contribution(self.adapter, self.isolator)
@@ -456,12 +551,19 @@ class SparseTrainingMixin:
             card.save(os.path.join(output_dir, hub.MODEL_CARD_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        limit = self.args.save_total_limit
+        # The stock rotation would run before this checkpoint is complete: keep one more until it is.
+        self.args.save_total_limit = limit + 1 if limit else limit
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process has written its part of the stock checkpoint
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
             self._save_sparse_state(folder)
-        super()._save_checkpoint(model, trial)
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     @property
     def _card_kwargs(self) -> dict:
@@ -504,29 +606,61 @@ class SparseTrainingMixin:
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_sparse_state(self, folder: str) -> None:
-        """Training state that is not model weights: the isolator and the layer-skip state."""
+        """Training state that is not model weights (the isolator, the layer-skip state, the recipe), written last
+        and atomically: its state file marks the checkpoint complete."""
         os.makedirs(folder, exist_ok=True)
         if self.isolator is not None:
-            tokens = self.isolator.tokens.detach().cpu().contiguous()
-            save_file({"tokens": tokens}, os.path.join(folder, ISOLATOR_FILE))
-        state = self.layer_skipper.state_dict() if self.layer_skipper is not None else {}
-        with open(os.path.join(folder, SPARSE_STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+            tokens = {"tokens": self.isolator.tokens.detach().cpu().contiguous()}
+            path = os.path.join(folder, checkpoints.ISOLATOR_FILE)
+            checkpoints.atomic_write(path, lambda temporary: save_file(tokens, temporary))
+        state = {
+            "step": self.state.global_step,
+            "recipe": self.sparse_config.recipe_dict(),
+            "has_isolator": self.isolator is not None,
+            "layer_skipper": self.layer_skipper.state_dict() if self.layer_skipper is not None else None,
+        }
+        checkpoints.write_state(folder, state)
 
-    def _load_sparse_state(self, folder: str) -> None:
-        state_path = os.path.join(folder, SPARSE_STATE_FILE)
-        if os.path.isfile(state_path) and self.layer_skipper is not None:
-            with open(state_path) as f:
-                self.layer_skipper.load_state_dict(json.load(f))
-        path = os.path.join(folder, ISOLATOR_FILE)
-        if self.isolator is not None:
-            if not os.path.isfile(path):
-                logger.warning(
-                    "No %s in %s: the mode isolator restarts from its initial value.", ISOLATOR_FILE, folder
-                )
-                return
+    def _newest_complete_checkpoint(self) -> str:
+        found = checkpoints.checkpoints_by_step(self.args.output_dir)
+        complete = {step for step, folder in found.items() if checkpoints.is_complete(folder)}
+        if self.accelerator.num_processes > 1:  # without shared storage, each node sees its own folders
+            complete = set.intersection(*(set(steps) for steps in gather_object([sorted(complete)])))
+        if not complete:
+            raise ValueError(
+                f"resume_from_checkpoint=True found no complete checkpoint in {self.args.output_dir} (folders: "
+                f"{sorted(os.path.basename(f) for f in found.values()) or 'none'}; a complete one holds "
+                f"{checkpoints.STATE_FILE} and trainer_state.json)."
+            )
+        newest = max(complete)
+        passed_over = sorted(os.path.basename(found[s]) for s in found if s > newest)
+        if passed_over:
+            logger.warning("Resuming from checkpoint-%d; passed over incomplete checkpoints %s.", newest, passed_over)
+        return found[newest]
+
+    def _load_sparse_state(self, folder: str, restart_isolator: bool = False) -> None:
+        state = checkpoints.read_state(folder)
+        if state is None:
+            logger.warning("%s has no %s (not written by this package): the sparse state starts fresh.", folder,
+                           checkpoints.STATE_FILE)  # fmt: skip
+            state = {}
+        if self.layer_skipper is not None and state.get("layer_skipper"):
+            self.layer_skipper.load_state_dict(state["layer_skipper"])
+        if self.isolator is None:
+            return
+        path = os.path.join(folder, checkpoints.ISOLATOR_FILE)
+        if os.path.isfile(path):
             with torch.no_grad():
                 self.isolator.tokens.copy_(load_file(path)["tokens"])
+        elif restart_isolator:
+            logger.warning("No %s in %s: the mode isolator restarts from its initial value.",
+                           checkpoints.ISOLATOR_FILE, folder)  # fmt: skip
+        else:
+            raise ValueError(
+                f"{folder} holds no mode isolator ({checkpoints.ISOLATOR_FILE}) although this recipe trains one "
+                f"(num_isolator_tokens={self.sparse_config.num_isolator_tokens}): resuming would restart it from "
+                "scratch. Pass train(..., restart_isolator=True) to accept that."
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model

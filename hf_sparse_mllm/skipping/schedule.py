@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Callable, Iterator
 
@@ -13,8 +12,6 @@ from torch import nn
 from ..dualspeed import STREAM_SKIP, step_random
 from .bypass import RedundancyMeter, bypass_layers
 from .registry import get_skip_policy
-
-logger = logging.getLogger(__name__)
 
 
 class LayerSkipper:
@@ -51,9 +48,12 @@ class LayerSkipper:
         self._counted_step = -1
         self._meter: RedundancyMeter | None = None
         self._meter_step = -1
+        self.remeasure = False  # the last measurement was not finite: measure again on the next step
 
     def is_measuring_step(self, step: int) -> bool:
-        return self.policy.needs_measurement and self.policy.is_measuring_step(step, **self.fields)
+        if not self.policy.needs_measurement:
+            return False
+        return self.remeasure or self.policy.is_measuring_step(step, **self.fields)
 
     def decide(self, step: int) -> tuple[int, ...]:
         """The layers skipped on optimizer step `step` (none on measuring steps)."""
@@ -78,29 +78,36 @@ class LayerSkipper:
                 stack.enter_context(self._meter.watch(decoder, decoder.layers))
             yield
 
-    def finish_measurement(self, step: int, sum_across_processes: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Turn the measurement of `step` so far into the redundancy the next decisions use.
+    def finish_measurement(self, step: int, sum_across_processes: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Turn the measurement of `step` so far into the redundancy the next decisions use; return whether it was
+        finite.
 
         The sums are added over processes first (`sum_across_processes`), so every process holds the same values and
-        takes the same decisions. A non-finite measurement keeps the previous redundancy and says so.
+        takes the same decisions. A non-finite measurement keeps the previous redundancy, and the next step measures
+        again (so skipping is never switched off for good by one bad batch).
         """
         if self._meter is None or self._meter_step != step:
-            return
+            return True
         stats = sum_across_processes(torch.tensor(self._meter.sums + self._meter.counts, dtype=torch.float64))
         sums, counts = stats[: self.num_layers], stats[self.num_layers :]
         values = (sums / counts.clamp(min=1)).tolist()
-        if not all(math.isfinite(v) for v in values):
-            logger.warning("Non-finite layer redundancy measured at step %s; keeping the previous one.", step)
-            return
-        self.redundancy = [round(v, 6) for v in values]
+        self.remeasure = not all(math.isfinite(v) for v in values)
+        if not self.remeasure:
+            self.redundancy = [round(v, 6) for v in values]
+        return not self.remeasure
 
     def skip_frequencies(self, steps: int) -> list[float]:
         """Fraction of `steps` optimizer steps on which each layer was skipped."""
         return [count / max(steps, 1) for count in self.skip_counts]
 
     def state_dict(self) -> dict:
-        return {"layer_redundancy": self.redundancy, "layer_skip_counts": list(self.skip_counts)}
+        return {
+            "layer_redundancy": self.redundancy,
+            "layer_skip_counts": list(self.skip_counts),
+            "remeasure": self.remeasure,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.redundancy = state.get("layer_redundancy")
         self.skip_counts = list(state.get("layer_skip_counts") or self.skip_counts)
+        self.remeasure = bool(state.get("remeasure", False))
