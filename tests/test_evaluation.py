@@ -128,8 +128,10 @@ def test_sparse_vqa_end_to_end(tmp_path, yes_no):
     records = read_jsonl(out / "samples_sparse_vqa.jsonl")
     assert [r["doc_id"] for r in records] == list(range(24))
     assert all(r["filtered_resps"][0] in ("yes", "no") for r in records)
+    # The image goes after the question, where the generated conversations have it.
     assert all(
-        r["arguments"]["context"] == r["doc"]["question"] and r["arguments"]["num_images"] == 1 for r in records
+        r["arguments"]["context"] == r["doc"]["question"] + "<image>" and r["arguments"]["num_images"] == 1
+        for r in records
     )
     scores = [_em(r["filtered_resps"][0], r["target"]) for r in records]
     assert scores == [r["exact_match"] for r in records]
