@@ -548,3 +548,12 @@ def test_trainer_run_completes_and_logs_skipped_samples(tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 4 and sum(entry["sparse/skipped_samples"] for entry in logs) == 2
+
+
+@pytest.mark.parametrize("family", ["internvl", "idefics3"])
+def test_a_batch_starting_with_a_text_only_sample_collates(family):
+    """Their processors cannot tensorise a batch whose first sample has no image: the collator puts images first."""
+    model, processor = _family(family)
+    samples = _family_samples(family)
+    batch = _collate(processor, [samples[2], samples[0]])
+    assert model(**batch).loss.isfinite()

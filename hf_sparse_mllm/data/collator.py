@@ -194,6 +194,11 @@ class VisionLanguageCollator:
         try:
             batch = dict(self._trl_collator(list(good.values())))
         except Exception:
+            first_has_image = _has_image(next(iter(good.values())))
+            if not first_has_image and any(_has_image(sample) for sample in good.values()):
+                # InternVL's and Idefics3's processors (transformers 5.24) cannot tensorise their text-replacement
+                # offsets when the first sample has no image: put one with an image first (rows follow).
+                return self._collate(dict(sorted(good.items(), key=lambda item: not _has_image(item[1]))), examples)
             # One processor call for the whole batch says nothing about the sample at fault: find it alone.
             failing = []
             for position, sample in good.items():
@@ -270,6 +275,15 @@ class VisionLanguageCollator:
 
 class _BadSample(Exception):
     """Why one sample cannot be collated (turned into a `BadSample` with its index)."""
+
+
+def _has_image(sample: dict[str, Any]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") == "image"
+        for message in sample["messages"]
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
 
 
 def _index_of(example: dict[str, Any]) -> int | None:
