@@ -59,10 +59,7 @@ def _train(tmp_path, family, steps=2, **recipe):
     model, processor, _ = _model_and_batch(family)
     trainer = SparseMLLMTrainer(
         model=model,
-        # Sequential: every step sees the images first and the text-only sample last.
-        args=training_args(
-            tmp_path, max_steps=steps, per_device_train_batch_size=3, train_sampling_strategy="sequential"
-        ),
+        args=training_args(tmp_path, max_steps=steps, per_device_train_batch_size=3),
         train_dataset=SAMPLES * steps,
         data_collator=VisionLanguageCollator(processor),
         sparse_config=SparseMLLMConfig(stage="instruction", **recipe),
