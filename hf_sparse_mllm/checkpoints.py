@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 STATE_FILE = "sparse_mllm_state.json"
 ISOLATOR_FILE = "sparse_mllm_isolator.safetensors"
 # Fields whose change on resume changes neither a decision nor the loss.
-UNCHECKED_ON_RESUME = frozenset({"sparse_mllm_version", "max_nonfinite_steps", "resume_changes"})
+UNCHECKED_ON_RESUME = frozenset({"sparse_mllm_version", "max_nonfinite_steps", "resume_note"})
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 

@@ -217,6 +217,9 @@ class SparseMLLMConfig(PushToHubMixin):
             token compression in both. `False` applies every enabled component in every stage.
         sparse_mllm_version (`str`, *optional*, defaults to the installed version):
             Version of hf-sparse-mllm that wrote the config (kept when a saved config is loaded).
+        resume_note (`str` or `None`, *optional*, defaults to `None`):
+            Written by the trainer when a run resumed from a checkpoint with a changed recipe
+            (`train(..., allow_recipe_change=True)`): which fields changed, from what to what, at which step.
 
     Example:
 
@@ -282,6 +285,11 @@ class SparseMLLMConfig(PushToHubMixin):
     skip_on_slow_steps: bool = _option(False, "Skip layers on slow (all-token) steps too, not only on fast steps.")
     stage_aware: bool = _option(True, "Skip layers and take slow steps only in the instruction stage.")
     sparse_mllm_version: str = _option(__version__, "Version of hf-sparse-mllm that wrote this config.")
+    resume_note: str | None = _option(
+        None,
+        "Set by the trainer when a run resumed with a changed recipe (train(allow_recipe_change=True)): the fields, "
+        "their two values and the step.",
+    )
 
     def __post_init__(self):
         for spec in _field_specs():

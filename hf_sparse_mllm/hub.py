@@ -100,6 +100,8 @@ def describe_recipe(recipe: SparseMLLMConfig | Mapping[str, Any]) -> list[str]:
     }[config.stage]
     lines.append(f"Training stage: {stage_text}.")
     lines.append(f"Seed of every sparse decision: {config.seed} (reproducible across processes and resumes).")
+    if config.resume_note:
+        lines.append(f"The recipe changed when training resumed: {config.resume_note}.")
     return lines
 
 

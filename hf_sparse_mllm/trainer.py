@@ -255,13 +255,22 @@ class SparseTrainingMixin:
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint=None, *args, restart_isolator: bool = False, **kwargs):
+    def train(
+        self,
+        resume_from_checkpoint=None,
+        *args,
+        allow_recipe_change: bool = False,
+        restart_isolator: bool = False,
+        **kwargs,
+    ):
         """[`~transformers.Trainer.train`], resuming the sparse state too.
 
         `resume_from_checkpoint=True` takes the newest *complete* checkpoint (present on every process, for
-        `save_on_each_node` without shared storage) and says which incomplete ones it passed over. A checkpoint of a
-        run with a mode isolator must hold it: resuming without it is an error, unless `restart_isolator=True`
-        (the isolator then restarts from its initial value).
+        `save_on_each_node` without shared storage) and says which incomplete ones it passed over. Resuming with a
+        recipe that differs from the checkpoint's in a field that changes decisions or the loss is an error naming the
+        fields and their two values, unless `allow_recipe_change=True` (the saved recipe's `resume_note` and the
+        model card then record the change). A checkpoint of a run with a mode isolator must hold it: resuming without
+        it is an error, unless `restart_isolator=True` (the isolator then restarts from its initial value).
         """
         if self.isolator is not None and self.optimizer is not None:
             if not any(p is self.isolator.tokens for group in self.optimizer.param_groups for p in group["params"]):
@@ -274,7 +283,7 @@ class SparseTrainingMixin:
             resume_from_checkpoint = self._newest_complete_checkpoint()
         if resume_from_checkpoint:
             # Here rather than in `_load_from_checkpoint`, which DeepSpeed runs skip.
-            self._load_sparse_state(resume_from_checkpoint, restart_isolator)
+            self._load_sparse_state(resume_from_checkpoint, allow_recipe_change, restart_isolator)
         self._sparse_metrics.since = time.perf_counter()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.create_model_card()  # the card describes the finished run too (main process only)
@@ -638,12 +647,13 @@ class SparseTrainingMixin:
             logger.warning("Resuming from checkpoint-%d; passed over incomplete checkpoints %s.", newest, passed_over)
         return found[newest]
 
-    def _load_sparse_state(self, folder: str, restart_isolator: bool = False) -> None:
+    def _load_sparse_state(self, folder: str, allow_recipe_change=False, restart_isolator=False) -> None:
         state = checkpoints.read_state(folder)
         if state is None:
             logger.warning("%s has no %s (not written by this package): the sparse state starts fresh.", folder,
                            checkpoints.STATE_FILE)  # fmt: skip
             state = {}
+        self._check_recipe_on_resume(folder, state, allow_recipe_change)
         if self.layer_skipper is not None and state.get("layer_skipper"):
             self.layer_skipper.load_state_dict(state["layer_skipper"])
         if self.isolator is None:
@@ -661,6 +671,26 @@ class SparseTrainingMixin:
                 f"(num_isolator_tokens={self.sparse_config.num_isolator_tokens}): resuming would restart it from "
                 "scratch. Pass train(..., restart_isolator=True) to accept that."
             )
+
+    def _check_recipe_on_resume(self, folder: str, state: dict, allow_recipe_change: bool) -> None:
+        if state.get("recipe") is None:
+            return
+        changes = checkpoints.recipe_changes(state["recipe"], self.sparse_config.recipe_dict())
+        if not changes:
+            return
+        described = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
+        if not allow_recipe_change:
+            raise ValueError(
+                f"The recipe differs from the one {folder} was trained with: {described} (checkpoint -> now). "
+                "Sparse decisions are a pure function of the seed, the step and the recipe, so the resumed run would "
+                "not continue the same training. Resume with the checkpoint's recipe, or pass "
+                "train(..., allow_recipe_change=True) to continue with the new one (the saved recipe and the model "
+                "card record the change)."
+            )
+        note = f"at step {state.get('step')}, {described}"
+        logger.warning("Resuming %s with a changed recipe: %s.", folder, described)
+        previous = self.sparse_config.resume_note
+        self.sparse_config.resume_note = f"{previous}; {note}" if previous else note
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model

@@ -60,6 +60,7 @@ FIELD_CASES = {
     ),
     "stage_aware": ([("false", False), ("YES", True), ("T", True), (True, True)], ["no!", 0, 2, None, "null"]),
     "sparse_mllm_version": ([("0.0.1", "0.0.1")], [1, None]),
+    "resume_note": ([("at step 2, seed 42 -> 7", "at step 2, seed 42 -> 7"), (None, None), ("none", None)], [1, 2.5]),
 }
 
 

@@ -206,3 +206,21 @@ def test_a_kill_while_saving_resumes_from_the_previous_checkpoint_exactly(tmp_pa
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_resuming_with_another_seed_is_refused_unless_allowed(tmp_path):
+    trainer, _ = _trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = str(Path(trainer.args.output_dir) / "checkpoint-2")
+    changed, _ = _trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=3, recipe=dict(seed=7))
+    with pytest.raises(ValueError, match=r"seed 42 -> 7 \(checkpoint -> now\).*allow_recipe_change=True"):
+        changed.train(resume_from_checkpoint=checkpoint)
+    unchanged_fields, _ = _trainer(tmp_path, max_steps=3, save_strategy="no", recipe=dict(max_nonfinite_steps=5))
+    unchanged_fields.train(resume_from_checkpoint=checkpoint)  # changes neither a decision nor the loss
+
+    changed, _ = _trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=3, recipe=dict(seed=7))
+    changed.train(resume_from_checkpoint=checkpoint, allow_recipe_change=True)
+    saved = SparseMLLMConfig.from_pretrained(Path(changed.args.output_dir) / "checkpoint-3")
+    assert saved.seed == 7 and saved.resume_note == "at step 2, seed 42 -> 7"
+    card = (Path(changed.args.output_dir) / "README.md").read_text()
+    assert "The recipe changed when training resumed: at step 2, seed 42 -> 7." in card
