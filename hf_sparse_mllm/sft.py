@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from .data.samples import SAMPLE_INDEX_KEY
 from .trainer import SparseTrainingMixin
 
 
@@ -63,6 +64,12 @@ class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
                 "packing=False and padding_free=False, or token_compressor=None."
             )
         super().__init__(model, args, *pargs, sparse_config=sparse_config, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # The dataset index of `index_samples` survives TRL's column filter, so bad-sample errors can name it.
+        if SAMPLE_INDEX_KEY not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SAMPLE_INDEX_KEY]
 
     def _stock_loss_is_scaled(self, num_items_in_batch) -> bool:
         # `SFTTrainer.compute_loss` normalises by `num_items_in_batch` itself whenever it is given.

@@ -175,3 +175,24 @@ def test_packing_with_compression_is_a_clear_error(tmp_path):
             processing_class=processor,
             sparse_config=SparseMLLMConfig(),
         )
+
+
+def test_bad_sample_errors_name_the_dataset_index_with_trls_default_columns(tmp_path):
+    from PIL import Image
+
+    from hf_sparse_mllm.data.collator import VisionLanguageCollator
+    from hf_sparse_mllm.data.samples import index_samples
+
+    model, processor = tiny_llava()
+    samples = make_dataset(4)
+    samples[2]["images"] = [Image.new("RGB", (32, 32))] * 2  # two images for one image block
+    trainer = SparseSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, gradient_checkpointing=False),  # remove_unused_columns=True, TRL's default
+        train_dataset=index_samples(Dataset.from_list(samples)),
+        processing_class=processor,
+        data_collator=VisionLanguageCollator(processor),
+        sparse_config=SparseMLLMConfig(slow_mode_prob=0.0),
+    )
+    with pytest.raises(ValueError, match="dataset index 2"):
+        trainer.train()

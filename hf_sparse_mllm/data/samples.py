@@ -13,8 +13,7 @@ sample carry its dataset index under [`SAMPLE_INDEX_KEY`] and moves reading erro
 image path or column) of every bad sample, or drops them with `skip_bad_samples=True`.
 
 `Trainer` drops dataset columns the model's forward does not take unless `remove_unused_columns=False` (needed for
-conversational samples anyway); TRL's `SFTTrainer` keeps only `messages`, `images` and a few others, so the index
-column survives there only with `remove_unused_columns=False` too.
+conversational samples anyway); [`~hf_sparse_mllm.SparseSFTTrainer`] adds the index column to the columns TRL keeps.
 """
 
 from __future__ import annotations
