@@ -72,8 +72,9 @@ clean:
 .PHONY: eval install-lmms-eval
 
 # Evaluate a saved model folder, e.g. make eval EVAL_ARGS="--model_path outputs/demo/sparse_model --modes full divprune@0.25"
+# (the `hf-sparse-mllm eval` command, see docs/cli.md).
 eval: install
-	$(BIN)/python scripts/evaluate.py $(EVAL_ARGS)
+	$(BIN)/python -m hf_sparse_mllm eval $(EVAL_ARGS)
 
 # lmms-eval without its dependency list (its torchvision requirement would replace the CPU torch with a CUDA build):
 # the package plus the modules it imports to run generate_until tasks on local data, all with --no-deps.

@@ -8,13 +8,11 @@ compression can change it), and every generation is exactly one of the two words
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import json
 import math
 import os
 import statistics
 import string
-import sys
 from pathlib import Path
 
 import pytest
@@ -352,7 +350,7 @@ def test_builtin_prompts_follow_lmms_eval():
     )
     assert get_task("scienceqa_img").doc_to_target(doc) == "B"
     assert get_task("sparse_vqa").prompt({"question": "what color is the circle ?"}) == "what color is the circle ?"
-    assert list_tasks() == ["gqa", "mme", "pope", "scienceqa_img", "sparse_vqa", "vqav2_val"]
+    assert list_tasks() == ["conversational", "gqa", "mme", "pope", "scienceqa_img", "sparse_vqa", "vqav2_val"]
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -460,69 +458,6 @@ def test_results_table_and_model_card(tmp_path, yes_no):
     add_results_to_model_card(sparse_dir, sparse)
     card = ModelCard.load(sparse_dir / "README.md")
     assert card.data.sparse_mllm["token_compressor"] == "divprune" and len(card.data.eval_results) == 6
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through the module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_evaluate_script(tmp_path, yes_no, capsys, monkeypatch):
-    model, processor = yes_no
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    data = save_vqa(tmp_path / "data", n=8)
-    script = _load_script()
-    args = script.EvaluateArguments(
-        model_path=str(tmp_path / "model"),
-        tasks=[f"sparse_vqa={data}"],
-        modes=["full", "divprune@0.5", "pool@4"],
-        output_dir=str(tmp_path / "eval"),
-        max_new_tokens=1,
-        update_model_card=True,
-    )
-    runs = script.main(args)
-    printed = capsys.readouterr().out
-    assert "## Comparison" in printed and "divprune@0.5 - full" in printed
-    for mode in ("full", "divprune_0.5", "pool_4"):
-        assert (tmp_path / "eval" / mode / "results.json").exists()
-        assert (tmp_path / "eval" / mode / "samples_sparse_vqa.jsonl").exists()
-    assert (tmp_path / "eval" / "comparison.md").exists()
-    assert (
-        runs["pool@4"]["config"]["model_args"] == f"pretrained={tmp_path / 'model'},token_compressor=pool,num_keep=4"
-    )
-    # The saved model gives the same answers as the in-memory one.
-    direct = evaluate(model, processor, [get_task("sparse_vqa", dataset_path=data)], max_new_tokens=1, progress=False)
-    assert direct["results"] == runs["full"]["results"]
-    assert "model-index" in (tmp_path / "model" / "README.md").read_text()
-
-    # Without a path, sparse_vqa generates its test scenes at the model's geometry (12 of them here, not 1,000).
-    geometries = []
-
-    build = tasks.sparse_vqa_test_docs
-
-    def few_scenes(**geometry):
-        geometries.append(geometry)
-        return build(num_test=12, **geometry)
-
-    monkeypatch.setattr(tasks, "sparse_vqa_test_docs", few_scenes)
-    default = script.main(
-        script.EvaluateArguments(
-            model_path=str(tmp_path / "model"), output_dir=str(tmp_path / "eval2"), limit=6, max_new_tokens=1
-        )
-    )
-    assert geometries[0] == {"image_size": 32, "cell_size": 8}
-    assert default["full"]["n-samples"]["sparse_vqa"] == {"original": 12, "effective": 6}
-
-    with pytest.raises(ValueError, match="Unknown token compressor 'nope'"):
-        script.main(script.EvaluateArguments(model_path=str(tmp_path / "model"), modes=["nope@0.5"]))
-    with pytest.raises(ValueError, match="not `full` or"):
-        script.parse_mode("divprune")
-    with pytest.raises(FileNotFoundError, match="Model folder"):
-        script.main(script.EvaluateArguments(model_path=str(tmp_path / "missing")))
 
 
 # --------------------------------------------------------------------------------------------- lmms-eval plugin

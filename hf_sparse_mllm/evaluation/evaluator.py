@@ -29,7 +29,6 @@ import torch
 from .generation import (
     generate_from_prompts,
     length_sort_key,
-    messages_from_context,
     render_prompt,
     resolve_compression,
 )
@@ -181,7 +180,7 @@ def evaluate_task(
         visuals = [task.visuals(docs[i]) for i in batch]
         for i, images in zip(batch, visuals):
             num_images[i] = len(images)
-            prompts[i] = render_prompt(processor, messages_from_context(contexts[i], len(images)))
+            prompts[i] = render_prompt(processor, task.messages(text_docs[i], len(images)))
         outputs = generate_from_prompts(
             model,
             processor,

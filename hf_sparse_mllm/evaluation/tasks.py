@@ -4,12 +4,13 @@ A [`Task`] holds the same pieces as an lmms-eval task YAML: `doc_to_visual`, `do
 `post_prompt`), `doc_to_target`, `process_results` (per-sample metric values) and one aggregation per metric. The
 built-in tasks reproduce lmms-eval's `gqa`, `vqav2_val`, `pope`, `mme` and `scienceqa_img` on local copies of those
 datasets (same columns as the lmms-lab Hub datasets), plus `sparse_vqa`, the generated VQA dataset of
-[`hf_sparse_mllm.data.vqa`]. Tasks are registered in a plain dict; add one with [`register_task`].
+[`hf_sparse_mllm.data.vqa`], and `conversational`, which scores the last assistant turn of samples in the training
+format (TRL's `images` + `messages`). Tasks are registered in a plain dict; add one with [`register_task`].
 
 ```python
 >>> from hf_sparse_mllm.evaluation.tasks import get_task, list_tasks
 >>> list_tasks()
-['gqa', 'mme', 'pope', 'scienceqa_img', 'sparse_vqa', 'vqav2_val']
+['conversational', 'gqa', 'mme', 'pope', 'scienceqa_img', 'sparse_vqa', 'vqav2_val']
 >>> task = get_task("gqa", dataset_path="path/to/gqa_testdev")
 >>> task.prompt({"question": "Is the cat black?"})
 'Is the cat black?\\nAnswer the question using a single word or phrase.'
@@ -30,7 +31,7 @@ from typing import Any
 from transformers.utils import logging
 
 from . import metrics
-from .generation import to_pil
+from .generation import messages_from_context, to_pil
 
 logger = logging.get_logger(__name__)
 
@@ -77,6 +78,10 @@ class Task:
             The sample's images (PIL images, `datasets` image dicts, paths or bytes).
         doc_to_text (`Callable[[dict, dict], str]`):
             The prompt text, from the sample and the prompt kwargs (`pre_prompt`, `post_prompt`, ...).
+        doc_to_messages (`Callable[[dict, dict], list[dict]]`, *optional*):
+            The prompt as conversation turns (TRL's `messages` format), from the sample and the prompt kwargs, as
+            lmms-eval's `doc_to_messages`. When set, the prompt is these turns rendered with the processor's chat
+            template; otherwise it is one user turn holding the images and `doc_to_text`'s text.
         doc_to_target (`Callable[[dict], Any]`):
             The reference answer, logged with each sample.
         process_results (`Callable[[dict, str], dict]`):
@@ -137,6 +142,7 @@ class Task:
     validate_docs: Callable | None = None
     default_docs: Callable | None = None
     version: float = 0.0
+    doc_to_messages: Callable[[dict, dict], list[dict]] | None = None
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -156,6 +162,13 @@ class Task:
     def prompt(self, doc: dict) -> str:
         """The prompt text of one sample (`doc_to_text` with this task's prompt kwargs)."""
         return self.doc_to_text(doc, self.prompt_kwargs)
+
+    def messages(self, doc: dict, num_images: int) -> list[dict]:
+        """The prompt turns of one sample: `doc_to_messages`, or one user turn with its `num_images` images and
+        [`~Task.prompt`] (`<image>` markers in the text place the images)."""
+        if self.doc_to_messages is not None:
+            return self.doc_to_messages(doc, self.prompt_kwargs)
+        return messages_from_context(self.prompt(doc), num_images)
 
     def visuals(self, doc: dict) -> list:
         """The images of one sample, as RGB PIL images."""
@@ -679,8 +692,120 @@ def _sparse_vqa(**overrides) -> Task:
     )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# conversational: samples in the training format (TRL's `images` + `messages`), scored on their last assistant turn.
+
+
+def _last_assistant_index(messages) -> int:
+    roles = [message.get("role") for message in messages or []]
+    if "assistant" not in roles:
+        raise ValueError(f"the conversation has no assistant turn to score (roles: {roles})")
+    return len(roles) - 1 - roles[::-1].index("assistant")
+
+
+def _content_text(content, image_marker: str = "") -> str:
+    """The text of a message's content (a string or a list of parts); image parts become `image_marker`."""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content or []:
+        if part.get("type") == "image":
+            pieces.append(image_marker)
+        elif part.get("type") == "text" and part.get("text"):
+            pieces.append(part["text"])
+    return "".join(pieces)
+
+
+def _with_prompts(content, pre_prompt: str, post_prompt: str):
+    """A user turn's content with `pre_prompt` before its first text and `post_prompt` after its last one."""
+    if not pre_prompt and not post_prompt:
+        return content
+    if isinstance(content, str):
+        return f"{pre_prompt}{content}{post_prompt}"
+    parts = [dict(part) for part in content or []]
+    texts = [i for i, part in enumerate(parts) if part.get("type") == "text"]
+    if not texts:
+        return parts + [{"type": "text", "text": f"{pre_prompt}{post_prompt}"}]
+    parts[texts[0]]["text"] = pre_prompt + (parts[texts[0]]["text"] or "")
+    parts[texts[-1]]["text"] = (parts[texts[-1]]["text"] or "") + post_prompt
+    return parts
+
+
+def _conversational_messages(doc: dict, kwargs: dict) -> list[dict]:
+    """The turns before the last assistant turn; the prompt kwargs go around the last user turn's text."""
+    turns = [dict(message) for message in doc["messages"][: _last_assistant_index(doc["messages"])]]
+    users = [i for i, message in enumerate(turns) if message.get("role") == "user"]
+    if users:
+        last = turns[users[-1]]
+        last["content"] = _with_prompts(last["content"], kwargs.get("pre_prompt", ""), kwargs.get("post_prompt", ""))
+    return turns
+
+
+def _conversational_text(doc: dict, kwargs: dict) -> str:
+    # The logged context and the batching order. One user turn reads as lmms-eval's contexts do (`<image>` where its
+    # images are); longer conversations get one `role: text` line per turn.
+    turns = _conversational_messages(doc, kwargs)
+    if len(turns) == 1:
+        return _content_text(turns[0]["content"], "<image>")
+    return "\n".join(f"{turn.get('role')}: {_content_text(turn['content'], '<image>')}" for turn in turns)
+
+
+def _conversational_target(doc: dict) -> str:
+    return _content_text(doc["messages"][_last_assistant_index(doc["messages"])]["content"])
+
+
+def _conversational_process_results(doc: dict, pred: str) -> dict:
+    target = _conversational_target(doc)
+    normalized = metrics.normalize_vqa_answer(pred.strip()) == metrics.normalize_vqa_answer(target)
+    return {"exact_match": metrics.exact_match(pred, target), "normalized_match": float(normalized)}
+
+
+def _validate_conversational(docs) -> None:
+    for index, messages in enumerate(docs["messages"]):
+        try:
+            _last_assistant_index(messages)
+        except ValueError as error:
+            raise ValueError(f"row {index}: {error}") from None
+
+
+@dataclass
+class ConversationalTask(Task):
+    """A [`Task`] on a dataset in the training format: image file paths are read relative to the data file (as the
+    training command reads them) and must exist before anything is generated."""
+
+    def load_with_size(self, limit: int | None = None):
+        from ..data.conversational import dataset_root, resolve_image_paths
+
+        docs, n_original = super().load_with_size(limit)
+        return resolve_image_paths(docs, dataset_root(self.dataset_path)), n_original
+
+
+@register_task("conversational")
+def _conversational(**overrides) -> Task:
+    # The prompt is the conversation up to its last assistant turn, rendered with the processor's chat template as
+    # in training; the target is that turn's text. `exact_match` is GQA's rule (ignore case and punctuation);
+    # `normalized_match` compares the prediction and the target after lmms-eval's VQA answer normalisation
+    # (`metrics.normalize_vqa_answer`: punctuation, number words to digits, articles, contractions), one reference.
+    return ConversationalTask(
+        name="conversational",
+        required_columns=("messages",),
+        layout="the training format: messages (TRL conversational turns ending with an assistant answer), images",
+        doc_to_visual=lambda doc: list(doc.get("images") or []),
+        doc_to_text=_conversational_text,
+        doc_to_messages=_conversational_messages,
+        doc_to_target=_conversational_target,
+        process_results=_conversational_process_results,
+        aggregation={"exact_match": mean, "normalized_match": mean},
+        prompt_kwargs={"pre_prompt": "", "post_prompt": ""},
+        max_new_tokens=32,
+        validate_docs=_validate_conversational,
+        **overrides,
+    )
+
+
 __all__ = [
     "DEFAULT_UNTIL",
+    "ConversationalTask",
     "Task",
     "get_task",
     "list_tasks",

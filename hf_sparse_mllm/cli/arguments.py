@@ -1,0 +1,95 @@
+"""`SparseArguments`: the fields of [`SparseMLLMConfig`] as command-line flags beside TRL's `SFTConfig`.
+
+`SFTConfig` (a `TrainingArguments`) and `SparseMLLMConfig` both have a `seed` field, and one argument parser cannot
+hold two `--seed` flags. `SparseArguments` is `SparseMLLMConfig`'s fields, built from them (so their types, defaults
+and help strings stay the config's), with `seed` renamed `sparse_seed`, which defaults to the training `--seed`, and
+without the fields the package writes itself (`PACKAGE_FIELDS`: `sparse_mllm_version`, `resume_note`). Its values are checked when
+[`~SparseArguments.to_config`] builds the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, get_type_hints
+
+from ..config import SparseMLLMConfig
+
+_RENAMED = {"seed": "sparse_seed"}
+# Written by the package (the version, the trainer's note on a resumed run), never chosen by the user.
+PACKAGE_FIELDS = ("sparse_mllm_version", "resume_note")
+
+
+class _LiveMetadata(Mapping):
+    """A config field's metadata, read when a parser reads it, so that a help string listing registered names (e.g.
+    `token_compressor`'s) lists those registered when the parser is built. Has the `copy()` TRL's parser calls."""
+
+    def __init__(self, metadata: Mapping):
+        self._metadata = metadata
+
+    def __getitem__(self, key: str) -> Any:
+        return self._metadata[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metadata)
+
+    def __len__(self) -> int:
+        return len(self._metadata)
+
+    def copy(self) -> dict:
+        return dict(self)
+
+
+def _fields() -> list[tuple]:
+    hints = get_type_hints(SparseMLLMConfig)  # plain types: the parser reads no `Annotated` constraints
+    specs = []
+    for f in dataclasses.fields(SparseMLLMConfig):
+        if f.name in PACKAGE_FIELDS:
+            continue
+        if f.name in _RENAMED:
+            help_text = f"{f.metadata['help']} Defaults to --seed (the training seed)."
+            specs.append(
+                (_RENAMED[f.name], hints[f.name] | None, dataclasses.field(default=None, metadata={"help": help_text}))
+            )
+        else:
+            specs.append(
+                (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=_LiveMetadata(f.metadata)))
+            )
+    return specs
+
+
+def _to_config(self, seed: int | None = None) -> SparseMLLMConfig:
+    """The [`SparseMLLMConfig`] of these arguments; `seed` (the training seed) is its seed unless `sparse_seed` is
+    set. Raises the config's `ValueError` (naming the field, what it accepts and the value) for a bad value."""
+    values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in _RENAMED.values()}
+    sparse_seed = self.sparse_seed if self.sparse_seed is not None else seed
+    if sparse_seed is not None:
+        values["seed"] = sparse_seed
+    return SparseMLLMConfig(**values)
+
+
+SparseArguments = dataclasses.make_dataclass(
+    "SparseArguments",
+    _fields(),
+    namespace={"to_config": _to_config, "_argument_group_name": "sparse training (hf_sparse_mllm.SparseMLLMConfig)"},
+    kw_only=True,
+)
+SparseArguments.__module__ = __name__  # for pickling (`make_dataclass` takes `module=` only from Python 3.12)
+SparseArguments.__doc__ = """
+    [`SparseMLLMConfig`]'s fields as `HfArgumentParser` / `TrlParser` flags, with `seed` named `sparse_seed` (it
+    defaults to the training `--seed`) and without the fields the package writes (`PACKAGE_FIELDS`).
+
+    Example:
+
+    ```python
+    >>> from trl import TrlParser
+    >>> from hf_sparse_mllm.cli import SparseArguments
+    >>> (args,) = TrlParser(SparseArguments).parse_args_and_config(["--keep_ratio", "0.1", "--layer_skip_policy", "stochastic"])
+    >>> config = args.to_config(seed=7)
+    >>> config.keep_ratio, config.layer_skip_policy, config.seed
+    (0.1, 'stochastic', 7)
+
+    ```
+"""
+
+__all__ = ["PACKAGE_FIELDS", "SparseArguments"]
