@@ -9,16 +9,16 @@
     python -m benchmarks.bench_accuracy --seeds 0,1 --merge outputs/s{0,1}/accuracy.json  # ...then one summary
 
 Every recipe trains the same tiny LLaVA (the `--preset`'s data, model and steps; by default `bench`: the demo's model
-at 144 visual tokens, 3,000 steps; one run per seed), then evaluates it
-twice on the same test set: with **all** visual tokens (how the exported model is used) and with the recipe's
-**compressed** tokens (the training-time view; no isolator at inference). Naive pruning (fast mode only: no slow
-steps, no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode
-isolator close that training-inference gap. Reported per recipe: training time and speed-up over the baseline,
-accuracy (mean and standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family
-accuracy. Writes `accuracy.json` and `accuracy.md` to `--output` (`accuracy-<preset>.*` for presets other than
-`bench`, `...-quick.*` for `--quick`). `--resume` keeps the finished runs of that file (same configuration, recipe
-and kind of machine), including runs of recipes or seeds left out of this invocation's summary; `--merge` keeps
-those of other results files too.
+at 144 visual tokens, 3,000 steps; one run per seed), then evaluates it twice on the same test set with the evaluation
+package's `sparse_vqa` task: with **all** visual tokens (how the exported model is used) and with the recipe's
+**compressed** tokens (the training-time view; no isolator at inference). Naive pruning (fast mode only: no slow steps,
+no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode isolator close
+that training-inference gap. Reported per recipe: training time and speed-up over the baseline, accuracy (mean and
+standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family accuracy. Writes
+`accuracy.json` and `accuracy.md` to `--output` (default `benchmarks/results`; `accuracy-<preset>.*` for presets other
+than `bench`, `...-quick.*` for `--quick`). `--resume` keeps the finished runs of that file (same configuration, recipe
+and kind of machine), including runs of recipes or seeds left out of this invocation's summary; `--merge` keeps those
+of other results files too.
 """
 
 from __future__ import annotations

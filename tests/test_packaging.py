@@ -33,7 +33,7 @@ print(len(names))
 def test_wheel_has_no_harness_and_imports_without_matplotlib(tmp_path):
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("hf_sparse_mllm", "benchmarks", "scripts"):
+    for folder in ("hf_sparse_mllm", "benchmarks"):
         shutil.copytree(REPO_ROOT / folder, source / folder, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
