@@ -125,6 +125,7 @@ def train_and_evaluate(
     torch.set_num_threads(config.threads)
     model, processor = build_model(config)
     task = vqa_task(dataset["test"])
+    curve = curve and config.curve_samples > 0 and config.curve_points > 0
     callback = AccuracyCurveCallback(
         processor,
         task if curve else None,
