@@ -93,7 +93,8 @@ class CompressedBatch:
         kept (`list[int]`): visual tokens kept per run, without the isolator.
         num_isolator_tokens (`int`): isolator tokens at the start of every run.
         index_map (`torch.LongTensor`): `(batch, new_seq)`, for every token of the shortened batch the position in the
-            original row it stands for (`-1` for padding); image slots are final once the forward has selected.
+            original row it stands for (`-1` for padding); the slots of a run all point at its first placeholder.
+        run_slots (`list[tuple[int, int]]`): per run, its row and the position of its first slot in the shortened row.
         full_position_ids (`torch.Tensor` or `None`): M-RoPE positions of the original batch.
         selection (`list[torch.LongTensor]`): per run, the kept token offsets (set by the forward).
     """
@@ -112,11 +113,12 @@ class CompressedBatch:
     def visual_tokens_per_image(self) -> float:
         return sum(self.kept) / max(self.layout.num_images, 1)
 
-    def position_ids(self) -> torch.Tensor:
+    def position_ids(self, selection: list[torch.Tensor] | None = None) -> torch.Tensor:
         """M-RoPE positions of the shortened batch: text and kept image tokens keep their full-sequence positions,
-        isolator tokens take the position of their run's first patch."""
+        isolator tokens take the position of their run's first patch. `selection` defaults to the forward's."""
+        selection = self.selection if selection is None else selection
         index = self.index_map.clone()
-        for run, (row, slot), offsets in zip(self.layout.runs, self.run_slots, self.selection):
+        for run, (row, slot), offsets in zip(self.layout.runs, self.run_slots, selection):
             index[row, slot + self.num_isolator_tokens : slot + self.num_isolator_tokens + len(offsets)] = (
                 run.start + offsets.to(index.device)
             )
@@ -147,10 +149,8 @@ def compress_batch(
     shortened, index_map, run_slots = shorten_runs(inputs, layout, [k + n_iso for k in kept], adapter.pad_token_id)
     batch = CompressedBatch(shortened, layout, budgets, kept, n_iso, index_map, run_slots, full_positions)
     if full_positions is not None:
-        # Provisional: the forward's selection fixes the image slots before the language model runs.
-        batch.selection = [torch.arange(k) for k in kept]
-        shortened["position_ids"] = batch.position_ids()
-        batch.selection = []
+        # Provisional (the first tokens of each run): the language model gets the selected ones (`sparse_hooks`).
+        shortened["position_ids"] = batch.position_ids([torch.arange(k) for k in kept])
     return batch
 
 
