@@ -801,6 +801,12 @@ class ImageLabelMasking:
     def __call__(self, features):
         return mask_image_labels(self.collator(features), self.image_token_id, self.warning)
 
+    def __getattr__(self, name):
+        # The wrapped collator's attributes (`tokenizer`, `processor`, ...), which `Trainer` and users read.
+        if name == "collator":  # not set yet (e.g. while unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
 
 def _wrap_with_peft(model, peft_config):
     """`get_peft_model(model, peft_config)`, as `SFTTrainer` does with its `peft_config` argument."""
