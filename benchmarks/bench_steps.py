@@ -15,6 +15,7 @@ lengths (vision forward, projector and language model forward + backward, LM hea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from hf_sparse_mllm import SparseMLLMTrainer
 
 # LLaVA-1.5 proportions at a size a CPU can step: the language model dominates the step, the tower is frozen.
 _TINY_LM = dict(
@@ -81,19 +84,26 @@ def skip_set(num_layers: int, fraction: float) -> list[int]:
     return list(range(start, start + count))
 
 
-def force_step_mode(trainer, mode: str) -> None:
-    """Make every step of `trainer` a `mode` step: `"fast"`, `"slow"`, or `"plain"` (a fast step whose recipe has no
-    compressor, so only layer skipping changes it)."""
-    # The benchmark times each kind of step on its own, while `SparseMLLMTrainer` takes each step's mode from its
-    # schedule: replacing the trainer's `step_mode` method makes every step take `mode`. It is the one trainer
-    # internal the benchmark relies on.
-    trainer.step_mode = lambda step: "fast" if mode == "plain" else mode
+class ForcedModeTrainer(SparseMLLMTrainer):
+    """A `SparseMLLMTrainer` whose every step is a `forced_mode` step: `"fast"`, `"slow"`, or `"plain"` (a fast step
+    whose recipe has no compressor, so only layer skipping changes it)."""
+
+    def __init__(self, *args, forced_mode: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forced_mode = forced_mode
+
+    # The benchmark times each kind of step on its own, while the trainer takes each step's mode from its schedule:
+    # the public `plan_step` hook makes every step take the forced mode, with that mode's skipped layers.
+    def plan_step(self, step: int, micro: int = 0):
+        mode = "fast" if self.forced_mode == "plain" else self.forced_mode
+        plan = super().plan_step(step, micro)
+        return dataclasses.replace(plan, mode=mode, skipped_layers=self.skipped_layers(step, mode))
 
 
 def make_trainers(model, opts):
     from transformers import Trainer, TrainingArguments
 
-    from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
+    from hf_sparse_mllm import SparseMLLMConfig
 
     device = opts["device"]
     args = TrainingArguments(
@@ -115,8 +125,7 @@ def make_trainers(model, opts):
                 skip_layers=skip or None,
                 protect_layers=0,
             )
-            trainer = SparseMLLMTrainer(model=model, args=args, sparse_config=config)
-            force_step_mode(trainer, mode)
+            trainer = ForcedModeTrainer(model=model, args=args, sparse_config=config, forced_mode=mode)
         trainer.create_optimizer()
         trainers[name] = trainer
     return trainers

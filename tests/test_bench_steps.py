@@ -27,3 +27,28 @@ def test_step_benchmark_times_every_variant(tmp_path):
     assert memory["fast"] < memory["skip25"] < memory["stock"] and memory["fast"] < memory["slow"]
     assert memory["fast+skip50"] < memory["fast+skip25"] < memory["fast"]
     assert "| vit196 | fast |" in (tmp_path / "steps.md").read_text()
+
+
+@pytest.mark.parametrize("forced,schedule", [("fast", 1.0), ("slow", 0.0), ("plain", 1.0)])
+def test_forced_mode_overrides_the_schedule(tmp_path, forced, schedule):
+    """Every step takes the forced mode, with that mode's skipped layers, whatever the schedule says."""
+    from transformers import TrainingArguments
+
+    from hf_sparse_mllm import SparseMLLMConfig
+    from hf_sparse_mllm.tiny import build_tiny_llava_and_processor
+
+    model, _ = build_tiny_llava_and_processor("test", words=["red"], num_hidden_layers=3)
+    config = SparseMLLMConfig(
+        token_compressor=None if forced == "plain" else "divprune",
+        slow_mode_prob=schedule,
+        stage="instruction",
+        layer_skip_policy="fixed",
+        skip_layers=[1],
+        protect_layers=0,
+    )
+    args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
+    trainer = bench_steps.ForcedModeTrainer(model=model, args=args, sparse_config=config, forced_mode=forced)
+    for step in range(3):
+        plan = trainer.plan_step(step)
+        assert plan.mode == ("fast" if forced == "plain" else forced)
+        assert plan.skipped_layers == (() if forced == "slow" else (1,))
