@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import DEMO_PRESETS, DemoConfig, machine_info, prepare_data, train_and_evaluate
+from hf_sparse_mllm import SparseMLLMConfig
+from hf_sparse_mllm.checkpoints import recipe_changes
 from hf_sparse_mllm.data.vqa import FAMILIES, blind_baseline
 
 
@@ -194,9 +196,39 @@ def _write_atomically(path: Path, text: str) -> None:
 MACHINE_KEYS = ("cpus", "threads", "device", "torch", "python")
 
 
+def same_recipe(saved: dict | None, expected: SparseMLLMConfig | None) -> bool:
+    """Whether a saved run's `sparse_recipe` trains what `expected` trains (`None` for both: the stock `Trainer`).
+
+    The saved dict is read back as a `SparseMLLMConfig` (fields it lacks take their defaults, as when the config
+    gained one), and fields that change neither a decision nor the loss (the package version, `max_nonfinite_steps`,
+    `resume_note`) are ignored, as when resuming from a checkpoint (`hf_sparse_mllm.checkpoints.recipe_changes`).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm import SparseMLLMConfig
+    >>> from benchmarks.bench_accuracy import same_recipe
+    >>> saved = SparseMLLMConfig(keep_ratio=0.1).recipe_dict()
+    >>> del saved["max_nonfinite_steps"]  # a field added since
+    >>> saved["sparse_mllm_version"] = "0.0.1"
+    >>> same_recipe(saved, SparseMLLMConfig(keep_ratio=0.1)), same_recipe(saved, SparseMLLMConfig(keep_ratio=0.25))
+    (True, False)
+
+    ```
+    """
+    if saved is None or expected is None:
+        return saved is None and expected is None
+    try:
+        recorded = SparseMLLMConfig.from_dict(saved).recipe_dict()
+    except (TypeError, ValueError):  # a value this version no longer accepts
+        return False
+    # Through JSON, as the saved side went: tuples and lists compare equal.
+    return not recipe_changes(json.loads(json.dumps(recorded)), json.loads(json.dumps(expected.recipe_dict())))
+
+
 def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
-    """The runs of an earlier results file that `--resume` or `--merge` can keep: same configuration, same recipe (the
-    resolved `SparseMLLMConfig`, not only its name) and timed on the same kind of machine. Incompatible runs are dropped
+    """The runs of an earlier results file that `--resume` or `--merge` can keep: same configuration, same recipe
+    ([`same_recipe`]: the resolved `SparseMLLMConfig`, not only its name) and timed on the same kind of machine. Incompatible runs are dropped
     with a message; a file made with another configuration raises `ValueError` (so it is never overwritten)."""
     if not path.is_file():
         return {}
@@ -222,10 +254,10 @@ def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
     for name, done in saved.items():
         for run in done:
             spec = RECIPES.get(name)
-            expected = spec and replace(config, seed=run["seed"]).sparse_config(**spec).recipe_dict()
+            expected = spec and replace(config, seed=run["seed"]).sparse_config(**spec)
             ran_on = run.get("machine") or previous.get("machine") or {}
             there = {k: ran_on.get(k) for k in MACHINE_KEYS}
-            if name not in RECIPES or json.loads(json.dumps(expected)) != run.get("sparse_recipe"):
+            if name not in RECIPES or not same_recipe(run.get("sparse_recipe"), expected):
                 why = "its recipe is no longer defined that way"
             elif there != here:
                 why = f"it was timed on another machine ({there})"

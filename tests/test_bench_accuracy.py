@@ -10,6 +10,8 @@ import torch
 
 from benchmarks import bench_accuracy
 
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
 
 @pytest.fixture
 def bench():
@@ -174,3 +176,40 @@ def test_committed_results_match_their_presets(bench, results, preset):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / results
     saved = json.loads(path.read_text())["config"]
     assert bench.DemoConfig.from_dict(saved) == bench.DEMO_PRESETS[preset]
+
+
+COMMITTED = [
+    ("accuracy.json", "bench"),
+    ("accuracy-bench-deep.json", "bench-deep"),
+    ("bench-deep-3seeds/accuracy-bench-deep.json", "bench-deep"),
+    ("accuracy-bench-deep8.json", "bench-deep8"),
+]
+
+
+@pytest.mark.parametrize("results,preset", COMMITTED)
+@pytest.mark.parametrize("later_version", [False, True])
+def test_committed_runs_stay_finished_for_the_current_recipes(bench, tmp_path, capsys, results, preset, later_version):
+    """`--resume`/`--merge` keep every committed run, also once the recipe gained fields and the version changed."""
+    saved = json.loads((RESULTS / results).read_text())
+    if later_version:  # what a file written before `max_nonfinite_steps` existed looks like to a later version
+        for done in [*saved["runs"].values(), *(saved.get("runs_not_in_summary") or {}).values()]:
+            for run in done:
+                if run["sparse_recipe"] is not None:
+                    run["sparse_recipe"].pop("max_nonfinite_steps", None)
+                    run["sparse_recipe"].update(sparse_mllm_version="0.0.1", resume_note="at step 5, seed 0 -> 1")
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps(saved))
+    kept = bench._finished_runs(path, bench.DEMO_PRESETS[preset], saved["machine"])
+    runs = {**(saved.get("runs_not_in_summary") or {}), **saved["runs"]}
+    assert {name: len(done) for name, done in kept.items()} == {name: len(done) for name, done in runs.items()}
+    assert "dropping" not in capsys.readouterr().out
+
+
+def test_same_recipe_compares_what_trains(bench):
+    config = bench.DEMO_PRESETS["bench"].sparse_config(**bench.RECIPES["dualspeed-divprune-0.1"])
+    saved = json.loads(json.dumps(config.recipe_dict()))
+    assert bench.same_recipe(saved, config) and bench.same_recipe(None, None)
+    assert not bench.same_recipe(None, config) and not bench.same_recipe(saved, None)
+    for field, value in [("keep_ratio", 0.25), ("seed", 1), ("slow_mode_prob", 0.2), ("token_compressor", "pool")]:
+        assert not bench.same_recipe({**saved, field: value}, config), field
+    assert not bench.same_recipe({**saved, "keep_ratio": 2.0}, config)  # no longer a valid recipe
