@@ -203,26 +203,22 @@ def test_missing_image_files_are_named_before_training(workspace, tmp_path):
         load_conversational_dataset(str(tmp_path / "train.jsonl"))
 
 
-def test_sparse_collator_skips_bad_samples(workspace, tmp_path):
-    trainer = cli_train.train(
-        *cli_train.parse_args(
-            train_argv(
-                workspace,
-                str(tmp_path / "out"),
-                "--collator",
-                "sparse",
-                "--skip_bad_samples",
-                "--max_steps",
-                "1",
-                "--save_strategy",
-                "no",
-            )
-        )  # fmt: skip
-    )
-    from hf_sparse_mllm.data.collator import VisionLanguageCollator
+def test_sparse_collator_names_or_skips_bad_samples(workspace, tmp_path):
+    from hf_sparse_mllm.data.samples import BadSampleError
 
-    assert isinstance(trainer.data_collator.collator, VisionLanguageCollator)
-    assert trainer.data_collator.collator.skip_bad_samples and trainer.state.global_step == 1
+    (tmp_path / "img").symlink_to(workspace[0] / "data" / "img")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [json.loads(line) for line in open(workspace[2])]
+    rows[3]["images"] = ["broken.png"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--model_name_or_path", workspace[1], "--dataset_name", str(tmp_path / "train.jsonl"), "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--save_strategy", "no", "--collator", "sparse", "--dataloader_drop_last", "false"]  # fmt: skip
+    with pytest.raises(BadSampleError, match="dataset index 3: images\\[0\\]"):
+        cli_train.train(*cli_train.parse_args(argv))
+    trainer = cli_train.train(*cli_train.parse_args([*argv, "--skip_bad_samples"]))
+    assert trainer.state.global_step == 3
+    assert sum(entry.get("sparse/skipped_samples", 0) for entry in trainer.state.log_history) == 1
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
@@ -235,7 +231,7 @@ def test_sparse_collator_skips_bad_samples(workspace, tmp_path):
         (["--layer_skip_policy", "nope"], "layer_skip_policy must be one of"),
         (["--keep_ratio", "1.5"], r"keep_ratio must be in (0, 1], got 1.5"),
         (["--stage", "pretrain"], "--stage"),
-        (["--keep_ratioo", "0.2"], "--keep_ratioo"),
+        (["--keep_ratioo", "0.2"], "--keep_ratioo: did you mean --keep_ratio?"),
         (["--skip_bad_samples"], "--skip_bad_samples needs --collator sparse"),
         (["--learning_rate", "fast"], "--learning_rate"),
     ],
@@ -253,7 +249,7 @@ def test_bad_flags_and_values_exit_with_an_error_naming_them(extra, named, capsy
     [
         ("keep_ratio: abc\n", "--keep_ratio"),
         ("keep_ratio: 1.5\n", "keep_ratio must be in (0, 1], got 1.5"),
-        ("token_compresor: pool\n", "token_compresor"),
+        ("token_compresor: pool\n", "unknown keys in the --config file: token_compresor"),
         ("skip_layers: [a]\n", "skip_layers"),
     ],
 )
@@ -262,6 +258,14 @@ def test_bad_yaml_keys_and_values_exit_with_an_error_naming_them(text, named, tm
     with pytest.raises(SystemExit) as exit_info:
         cli_train.parse_args(["--config", str(tmp_path / "recipe.yaml")])
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_sparse_seed_defaults_to_the_training_seed():
+    base = ["--model_name_or_path", "m", "--dataset_name", "d"]
+    *_, sparse_config = cli_train.parse_args([*base, "--seed", "7"])
+    assert sparse_config.seed == 7
+    _, training_args, _, sparse_config = cli_train.parse_args([*base, "--seed", "7", "--sparse_seed", "3"])
+    assert sparse_config.seed == 3 and training_args.seed == 7
 
 
 def test_model_name_is_required(capsys):
@@ -414,6 +418,10 @@ def test_eval_bad_flags_exit_with_an_error_naming_them(capsys):
         (["--model_path", "m", "--modes", "divprune"], "not `full` or"),
         (["--model_path", "m", "--tasks", "nope=x"], "Unknown task 'nope'"),
         (["--model_path", "m", "--batch_size", "x"], "--batch_size"),
+        (
+            ["--model_path", "m", "--modez", "full"],
+            "unrecognized arguments: --modez full (--modez: did you mean --modes?)",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["eval", *argv])
@@ -428,6 +436,25 @@ def test_eval_default_output_dir_is_inside_the_model_folder(tmp_path):
 @pytest.fixture(scope="module")
 def yes_no():
     return two_answer_model()
+
+
+def test_conversational_task_prompts_with_the_whole_conversation(tmp_path, yes_no):
+    from hf_sparse_mllm.evaluation.generation import render_prompt
+
+    model, processor = yes_no
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is it red ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+        {"role": "user", "content": [{"type": "text", "text": "is it blue ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "no"}]},
+    ]
+    (tmp_path / "test.jsonl").write_text(json.dumps({"images": ["red.png"], "messages": messages}) + "\n")
+    task = get_task("conversational", dataset_path=str(tmp_path / "test.jsonl"), max_new_tokens=1)
+    (record,) = evaluate(model, processor, [task], progress=False)["samples"]["conversational"]
+    assert record["arguments"]["prompt"] == render_prompt(processor, messages[:3])
+    assert "yes" in record["arguments"]["prompt"] and record["target"] == "no"
+    assert record["filtered_resps"][0] in ("yes", "no")
 
 
 def test_evaluate_command(tmp_path, yes_no, capsys, monkeypatch):
@@ -499,6 +526,9 @@ def test_analyze_command_reads_the_training_format(trained, tmp_path, capsys):
     assert "| decoder layer |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["analyze", "--num_batches", "0"])
+    with pytest.raises(SystemExit):
+        main(["analyze", "--batches", "2"])
+    assert "unrecognized arguments: --batches 2" in capsys.readouterr().err
 
 
 def test_docstring_examples(tmp_path, monkeypatch):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from .arguments import parse_or_exit
+
 
 @dataclass
 class AnalyzeArguments:
@@ -80,7 +82,7 @@ def make_parser(prog: str = "hf-sparse-mllm analyze") -> TrlParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
-    (args,) = parser.parse_args_and_config(argv)
+    (args,) = parse_or_exit(parser, argv)
     for name in ("batch_size", "num_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
+from difflib import get_close_matches
 from typing import Any, get_type_hints
 
 from ..config import SparseMLLMConfig
@@ -92,4 +93,32 @@ SparseArguments.__doc__ = """
     ```
 """
 
-__all__ = ["PACKAGE_FIELDS", "SparseArguments"]
+
+def parse_or_exit(parser, argv=None) -> list:
+    """The dataclasses `parser` (a `trl.TrlParser`) reads from `argv` and an optional `--config` YAML file.
+
+    Anything it cannot take exits with argparse's usage error (status 2) naming it: an unknown flag or YAML key (with
+    the closest known flag), a value a dataclass rejects (its own `ValueError`).
+    """
+    try:
+        *parsed, from_config, from_flags = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except (ValueError, TypeError) as error:  # the dataclasses' own checks, e.g. SFTConfig's
+        parser.error(str(error))
+    known = sorted({option for action in parser._actions for option in action.option_strings})
+
+    def hints(strings: list[str]) -> str:
+        close = [(s, m[0]) for s in strings if s.startswith("--") and (m := get_close_matches(s, known, n=1))]
+        return "".join(f" ({s}: did you mean {match}?)" for s, match in close)
+
+    if from_config:
+        flags = from_config[::2]  # TrlParser hands unknown YAML keys back as flag, value pairs
+        keys = ", ".join(flag.removeprefix("--") for flag in flags)
+        parser.error(f"unknown keys in the --config file: {keys}{hints(flags)}")
+    if from_flags:
+        parser.error(f"unrecognized arguments: {' '.join(from_flags)}{hints(from_flags)}")
+    return parsed
+
+
+__all__ = ["PACKAGE_FIELDS", "SparseArguments", "parse_or_exit"]

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from .arguments import parse_or_exit
+
 
 @dataclass
 class EvaluateArguments:
@@ -160,8 +162,8 @@ def make_parser(prog: str = "hf-sparse-mllm eval") -> TrlParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
+    (args,) = parse_or_exit(parser, argv)
     try:  # what can be checked without loading the model exits with a usage error
-        (args,) = parser.parse_args_and_config(argv)
         for mode in args.modes:
             parse_mode(mode)
         build_tasks(args.tasks, args.prompt_suffix)

@@ -32,7 +32,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from ..data.conversational import CONVERSATIONAL
-from .arguments import SparseArguments
+from .arguments import SparseArguments, parse_or_exit
 
 
 @dataclass
@@ -111,10 +111,10 @@ def parse_args(argv: Sequence[str] | None = None):
     argparse's usage error (status 2) naming it.
     """
     parser = make_parser()
+    dataset_args, training_args, model_args, sparse_args = parse_or_exit(parser, argv)
     try:
-        dataset_args, training_args, model_args, sparse_args = parser.parse_args_and_config(argv)
         sparse_config = sparse_args.to_config(seed=training_args.seed)
-    except (ValueError, TypeError) as error:  # the dataclasses' own checks, and TrlParser's unknown YAML keys
+    except ValueError as error:  # the config's own checks name the field, what it accepts and the value
         parser.error(str(error))
     if not model_args.model_name_or_path:
         parser.error("the following arguments are required: --model_name_or_path")
@@ -188,9 +188,7 @@ def train(dataset_args: DatasetArguments, training_args: SFTArguments, model_arg
         collator = VisionLanguageCollator(
             processor, max_length=training_args.max_length, skip_bad_samples=dataset_args.skip_bad_samples
         )
-        train_dataset = index_samples(train_dataset)
-        # The index column must reach the collator; SFTTrainer keeps only its own columns otherwise.
-        training_args.remove_unused_columns = False
+        train_dataset = index_samples(train_dataset)  # so that bad-sample errors name the dataset index
 
     trainer = SparseSFTTrainer(
         model=model,
