@@ -46,6 +46,7 @@ def test_quick_demo_writes_the_report(quick_demo):
     assert saved["runs"]["baseline"]["trainer"] == "Trainer"
     assert saved["runs"]["sparse"]["trainer"] == "SparseMLLMTrainer"
     assert saved["runs"]["sparse"]["sparse_recipe"]["token_compressor"] == "divprune"
+    assert saved["kept_visual_tokens"] == DEMO_PRESETS["quick"].kept_visual_tokens == 4  # the compressor's budget
     for name in ("report.md", "loss.png", "accuracy_vs_time.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert "| baseline |" in (out / "report.md").read_text()

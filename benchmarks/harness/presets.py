@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_sparse_mllm import SparseMLLMConfig
+from hf_sparse_mllm.compressors import get_compressor
 from hf_sparse_mllm.data.vqa import vqa_vocabulary
 from hf_sparse_mllm.tiny import TinyLlavaPreset, build_tiny_llava_and_processor
 
@@ -136,6 +137,25 @@ class DemoConfig:
     @property
     def num_visual_tokens(self) -> int:
         return self.model.num_visual_tokens
+
+    @property
+    def kept_visual_tokens(self) -> int:
+        """Visual tokens per image on the sparse run's fast steps: its compressor's own budget (`pool`'s follows from
+        its stride on the patch grid, not `round(keep_ratio * N)`); all of them without a compressor.
+
+        ```python
+        >>> from benchmarks.harness.presets import DemoConfig
+        >>> DemoConfig(keep_ratio=0.1).kept_visual_tokens, DemoConfig(token_compressor="pool", keep_ratio=0.1).kept_visual_tokens
+        (6, 9)
+
+        ```
+        """
+        if self.token_compressor is None:
+            return self.num_visual_tokens
+        side = self.model.image_size // self.model.patch_size
+        return get_compressor(self.token_compressor).budget(
+            num_tokens=self.num_visual_tokens, keep_ratio=self.keep_ratio, grid_size=(side, side)
+        )
 
     def with_model(self, **changes) -> DemoConfig:
         """A copy whose model preset has `changes` (fields of [`~hf_sparse_mllm.tiny.TinyLlavaPreset`])."""

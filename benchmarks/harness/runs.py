@@ -274,7 +274,7 @@ def run_demo(
         "blind_baseline": blind,
         "config": config.to_dict(),
         "num_visual_tokens": config.num_visual_tokens,
-        "kept_visual_tokens": max(1, round(config.keep_ratio * config.num_visual_tokens)),
+        "kept_visual_tokens": config.kept_visual_tokens,
         "data_seconds": data_seconds,
         "total_seconds": time.perf_counter() - start,
         "machine": machine_info(),
