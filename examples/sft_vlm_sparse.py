@@ -6,7 +6,7 @@ from the command line as every other setting does.
     python examples/sft_vlm_sparse.py --tiny --output_dir outputs/sft-vlm-sparse-tiny
 
     # LLaVA-1.5 on TRL's LLaVA-Instruct mix, DivPrune at 25 % of the visual tokens, DualSpeed, layer skipping
-    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero3.yaml examples/sft_vlm_sparse.py \\
+    accelerate launch examples/sft_vlm_sparse.py \\
         --dataset_name HuggingFaceH4/llava-instruct-mix-vsft --model_name_or_path llava-hf/llava-1.5-7b-hf \\
         --gradient_accumulation_steps 8 --output_dir LLaVA-1.5-7B-SFT-sparse --dtype bfloat16 \\
         --token_compressor divprune --keep_ratio 0.25 --slow_mode_prob 0.1 --layer_skip_policy redundancy
