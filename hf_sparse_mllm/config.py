@@ -101,6 +101,10 @@ class _FieldMetadata(Mapping):
     def __len__(self) -> int:
         return len(self._items)
 
+    def copy(self) -> dict:
+        # TRL's parser copies field metadata: the copy is read now, as the parser reads it.
+        return dict(self)
+
 
 def _option(default, help: str | Callable[[], str]):
     return field(default=default, metadata=_FieldMetadata(help))

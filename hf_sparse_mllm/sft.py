@@ -18,8 +18,8 @@ class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
     conversational `images` + `messages` datasets), `peft_config`, the collator it builds from the processor,
     `max_length`, `assistant_only_loss` and `completion_only_loss`. Its logged metrics (`entropy`,
     `mean_token_accuracy`, `num_tokens`) keep coming on sparse steps, computed from the sparse forward's answer logits
-    (`num_tokens` counts the batch's tokens as the data holds them). `packing` and `padding_free` cannot be combined
-    with token compression (a `ValueError` at construction).
+    (`num_tokens` counts the batch's tokens as the data holds them). `packing`, `padding_free` and a `loss_type` other
+    than `"nll"` cannot be combined with token compression (a `ValueError` at construction).
 
     Args:
         sparse_config ([`SparseMLLMConfig`], *optional*):
@@ -62,6 +62,11 @@ class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
                 "packing=True / padding_free=True cannot be combined with visual token compression (a compressed "
                 "forward shortens each sample's image spans, which packed sequences do not delimit): set "
                 "packing=False and padding_free=False, or token_compressor=None."
+            )
+        if compressing and args is not None and getattr(args, "loss_type", "nll") != "nll":
+            raise ValueError(
+                f"loss_type={args.loss_type!r} is not supported with visual token compression: sparse steps compute "
+                "their own cross-entropy (and distillation) loss. Use loss_type='nll', or token_compressor=None."
             )
         super().__init__(model, args, *pargs, sparse_config=sparse_config, **kwargs)
 

@@ -165,12 +165,20 @@ def test_lora_trains_the_adapter_and_the_isolator_only(tmp_path, wrap, trainer_c
     assert set(merged.state_dict()) == set(fresh.state_dict())
 
 
-def test_packing_with_compression_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    "option,pattern",
+    [
+        (dict(packing=True), "packing=True / padding_free=True cannot be combined"),
+        (dict(padding_free=True), "packing=True / padding_free=True cannot be combined"),
+        (dict(loss_type="dft"), "loss_type='dft' is not supported with visual token compression"),
+    ],
+)
+def test_sft_options_sparse_steps_cannot_honour_are_clear_errors(tmp_path, option, pattern):
     model, processor = tiny_llava()
-    with pytest.raises(ValueError, match="packing=True / padding_free=True cannot be combined"):
+    with pytest.raises(ValueError, match=pattern):
         SparseSFTTrainer(
             model=model,
-            args=sft_config(tmp_path, packing=True),
+            args=sft_config(tmp_path, **option),
             train_dataset=_dataset(2),
             processing_class=processor,
             sparse_config=SparseMLLMConfig(),

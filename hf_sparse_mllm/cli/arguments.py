@@ -10,35 +10,14 @@ without the fields the package writes itself (`PACKAGE_FIELDS`: `sparse_mllm_ver
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
 from difflib import get_close_matches
-from typing import Any, get_type_hints
+from typing import get_type_hints
 
 from ..config import SparseMLLMConfig
 
 _RENAMED = {"seed": "sparse_seed"}
 # Written by the package (the version, the trainer's note on a resumed run), never chosen by the user.
 PACKAGE_FIELDS = ("sparse_mllm_version", "resume_note")
-
-
-class _LiveMetadata(Mapping):
-    """A config field's metadata, read when a parser reads it, so that a help string listing registered names (e.g.
-    `token_compressor`'s) lists those registered when the parser is built. Has the `copy()` TRL's parser calls."""
-
-    def __init__(self, metadata: Mapping):
-        self._metadata = metadata
-
-    def __getitem__(self, key: str) -> Any:
-        return self._metadata[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._metadata)
-
-    def __len__(self) -> int:
-        return len(self._metadata)
-
-    def copy(self) -> dict:
-        return dict(self)
 
 
 def _fields() -> list[tuple]:
@@ -53,9 +32,7 @@ def _fields() -> list[tuple]:
                 (_RENAMED[f.name], hints[f.name] | None, dataclasses.field(default=None, metadata={"help": help_text}))
             )
         else:
-            specs.append(
-                (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=_LiveMetadata(f.metadata)))
-            )
+            specs.append((f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata)))
     return specs
 
 
