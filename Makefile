@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel on this kind of machine; GPU users override it, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+# The CPU wheel on this kind of machine; GPU users override it with one pip requirement (it is passed quoted), e.g.
+# TORCH_SPEC="torch==2.13.0+cu128" with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 (README.md, Install).
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 PYTEST_ARGS ?=

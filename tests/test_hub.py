@@ -1,4 +1,4 @@
-"""Hub contract (SPEC section 6): export, loading without this package, push flows, the recipe config, model cards.
+"""Hub contract (docs/hub.md): export, loading without this package, push flows, the recipe config, model cards.
 
 Push tests never touch the network. The seam is the one Hub client `transformers` routes every upload through:
 `transformers.utils.hub.hf_api()` returns the module-level `_hf_api`, and `Trainer.init_hf_repo`,
