@@ -159,8 +159,8 @@ class SparseMLLMConfig(PushToHubMixin):
     Every value is checked on construction, with a `ValueError` naming the field, the expected type or range and the
     value. The string forms a command line or YAML file gives are converted: numbers (`"0.2"`, `"3"`; an `int` field
     takes only integers, neither `True` nor `2.0`), booleans (`true`/`false`, `yes`/`no`, `t`/`f`, `y`/`n`, `1`/`0`,
-    any case: the forms `HfArgumentParser` accepts), `"none"`/`"null"` for an optional field and `"1,2"` for
-    `skip_layers`. An unknown keyword argument is a `TypeError` that suggests the closest field, while
+    any case: the forms `HfArgumentParser` accepts), `"none"`/`"null"` for an optional field and, for `skip_layers`,
+    `"1,2"` or a list of strings (a command line gives `--skip_layers 1 2`). An unknown keyword argument is a `TypeError` that suggests the closest field, while
     [`~SparseMLLMConfig.from_pretrained`] ignores unknown keys with a warning (files from newer versions).
 
     Args:

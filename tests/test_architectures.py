@@ -231,3 +231,42 @@ def test_two_images_in_a_sample_beside_a_text_only_sample_train(tmp_path, family
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
     assert {e["sparse/slow_step"] for e in logs} == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("compressor", ["pool", "random", "redundancy"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_grid_and_selection_compressor_runs_a_fast_forward(family, compressor):
+    """The support table's claim: grid-based (`pool`, `redundancy`) and random selection work on every family."""
+    model, _, batch = _model_and_batch(family)
+    adapter = get_adapter(model)
+    compression = Compression(get_compressor(compressor), keep_ratio=0.25, seed=0)
+    short = compress_batch(adapter, batch, compression)
+    with sparse_hooks(adapter, short, compression):
+        loss = model(**short.inputs, use_cache=False).loss
+    assert torch.isfinite(loss) and short.inputs["input_ids"].shape[1] < batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+def test_cls_attention_is_a_clear_error_where_there_is_no_cls_tower(family):
+    model, _, batch = _model_and_batch(family)
+    adapter = get_adapter(model)
+    compression = Compression(get_compressor("cls_attention"), keep_ratio=0.25)
+    short = compress_batch(adapter, batch, compression)
+    with pytest.raises(ValueError, match=r"needs \['cls_attention'\]"):
+        with sparse_hooks(adapter, short, compression):
+            model(**short.inputs, use_cache=False)
+
+
+def test_layer_skipping_needs_no_adapter(tmp_path):
+    """Without compression any model whose decoder layers are found generically trains with layer skipping."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+    )
+    recipe = SparseMLLMConfig(token_compressor=None, layer_skip_policy="fixed", skip_layers=[1], stage="instruction")
+    trainer = SparseMLLMTrainer(model=model, args=training_args(tmp_path), sparse_config=recipe)
+    ids = torch.randint(0, 32, (2, 8))
+    trainer.training_step(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    assert all(p.grad is None for p in model.model.layers[1].parameters())
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())
