@@ -21,12 +21,36 @@ def test_step_benchmark_times_every_variant(tmp_path):
     shape = json.loads((tmp_path / "steps.json").read_text())["shapes"]["vit196"]
     variants = shape["variants"]
     assert set(variants) == {*bench_steps.VARIANTS, "mix", "mix+skip25", "mix+skip50"}
-    assert shape["visual_tokens_kept"] == 20  # round(0.1 * 196)
+    assert shape["visual_tokens_kept_per_image"] == 20  # round(0.1 * 196)
+    assert 0 < shape["compression_share_of_fast_step_cpu_time"] < 1 and shape["tower_flops"] > 0
     memory = {name: v["saved_activations_mb"] for name, v in variants.items()}
     # Each forced mode runs what it says: compressed fast steps, all-token slow steps, skipped layers.
     assert memory["fast"] < memory["skip25"] < memory["stock"] and memory["fast"] < memory["slow"]
     assert memory["fast+skip50"] < memory["fast+skip25"] < memory["fast"]
-    assert "| vit196 | fast |" in (tmp_path / "steps.md").read_text()
+    assert "| vit196 | 1 | fast |" in (tmp_path / "steps.md").read_text()
+
+
+@pytest.mark.slow
+def test_step_benchmark_llava_next_and_qwen_shapes(tmp_path):
+    """The anyres and M-RoPE shapes: fast steps shorten the sequence to the kept tokens plus the isolator, per unit."""
+    threads = torch.get_num_threads()
+    args = ["--shapes", "llavanext,qwen25vl", "--steps", "1", "--warmup", "0", "--batch-size", "1"]
+    try:
+        bench_steps.main([*args, "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    shapes = json.loads((tmp_path / "steps.json").read_text())["shapes"]
+    # 672 x 672 px: a 336 px base tile + a 2 x 2 grid of 24 x 24 patches, a newline feature after each grid row.
+    assert shapes["llavanext"]["visual_tokens_per_image"] == 576 + 48 * 49
+    # Five 576-token units at 10 % (58 each), the 48 newline rows kept as they are.
+    assert shapes["llavanext"]["visual_tokens_kept_per_image"] == 5 * 58 + 48
+    assert shapes["qwen25vl"]["visual_tokens_per_image"] == 1024  # (896 / 14 / 2) ** 2
+    assert shapes["qwen25vl"]["visual_tokens_kept_per_image"] == 102
+    for shape in shapes.values():
+        assert set(shape["variants"]) == {"stock", "fast", "slow", "mix"}
+        text = shape["seq_len"] - shape["visual_tokens_per_image"]
+        assert shape["fast_seq_len"] == text + shape["visual_tokens_kept_per_image"] + shape["isolator_tokens"]
+        assert shape["variants"]["fast"]["flop_ideal_speedup"] > 4
 
 
 @pytest.mark.parametrize("forced,schedule", [("fast", 1.0), ("slow", 0.0), ("plain", 1.0)])
