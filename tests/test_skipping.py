@@ -128,7 +128,9 @@ def test_bypass_equals_a_model_without_those_layers():
 def _grads_after_step(tmp_path, config, activation_checkpointing=False):
     model, processor = tiny_llava(num_hidden_layers=LAYERS)
     # transformers 5.19 calls it gradient checkpointing, later 5.x releases activation checkpointing: both work.
-    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    name = (
+        "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    )
     args = training_args(tmp_path, **{name: activation_checkpointing})
     trainer = SparseMLLMTrainer(model=model, args=args, sparse_config=config)
     if activation_checkpointing:
