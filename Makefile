@@ -9,7 +9,7 @@ EXTRAS ?= dev
 PYTEST_ARGS ?=
 
 .PHONY: install install-bench test test-slow quality style demo bench bench-steps bench-accuracy bench-accuracy-deep \
-	bench-accuracy-deep8 bench-gpu clean
+	bench-accuracy-deep8 bench-accuracy-qwen2vl bench-gpu clean
 # Timings are only comparable one at a time: never run benchmark targets in parallel, even under `make -j`.
 .NOTPARALLEL:
 
@@ -48,7 +48,7 @@ demo: install-bench
 	$(BIN)/python -m benchmarks.demo $(DEMO_ARGS)
 
 # `bench` = the step-time benchmark, then the (long, see benchmarks/README.md) accuracy benchmarks.
-bench: bench-steps bench-accuracy bench-accuracy-deep bench-accuracy-deep8
+bench: bench-steps bench-accuracy bench-accuracy-deep bench-accuracy-deep8 bench-accuracy-qwen2vl
 
 bench-steps: install-bench
 	$(BIN)/python -m benchmarks.bench_steps $(BENCH_ARGS)
@@ -65,6 +65,11 @@ bench-accuracy-deep: install-bench
 DEEP8_RECIPES ?= baseline,sts-divprune-0.1-skip0.25-slowskip,sts-divprune-0.1-stochastic0.25-slow0.05,dualspeed-divprune-0.1-slow0.05
 bench-accuracy-deep8: install-bench
 	$(BIN)/python -m benchmarks.bench_accuracy --preset bench-deep8 --recipes $(DEEP8_RECIPES) $(BENCH_ACCURACY_ARGS)
+
+# An M-RoPE model: a tiny Qwen2-VL, the stock Trainer against DualSpeed with DivPrune at keep_ratio 0.25.
+QWEN2VL_RECIPES ?= baseline,dualspeed-divprune-0.25
+bench-accuracy-qwen2vl: install-bench
+	$(BIN)/python -m benchmarks.bench_accuracy --preset bench-qwen2vl --recipes $(QWEN2VL_RECIPES) $(BENCH_ACCURACY_ARGS)
 
 # The GPU step benchmark at real widths (LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B shapes) on one CUDA GPU, under
 # 6 minutes on an H200; writes benchmarks/results/gpu.{json,md}. It imports only torch, transformers and the package:

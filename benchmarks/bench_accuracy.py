@@ -8,8 +8,8 @@
     python -m benchmarks.bench_accuracy --seeds 1 --output outputs/s1; wait
     python -m benchmarks.bench_accuracy --seeds 0,1 --merge outputs/s{0,1}/accuracy.json  # ...then one summary
 
-Every recipe trains the same tiny LLaVA (the `--preset`'s data, model and steps; by default `bench`: the demo's model
-at 144 visual tokens, 3,000 steps; one run per seed), then evaluates it twice on the same test set with the evaluation
+Every recipe trains the same tiny model (the `--preset`'s data, model and steps; by default `bench`: the demo's LLaVA
+at 144 visual tokens, 3,000 steps; `bench-qwen2vl`: a tiny Qwen2-VL, an M-RoPE model; one run per seed), then evaluates it twice on the same test set with the evaluation
 package's `sparse_vqa` task: with **all** visual tokens (how the exported model is used) and with the recipe's
 **compressed** tokens (the training-time view; no isolator at inference). Naive pruning (fast mode only: no slow steps,
 no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode isolator close
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import DEMO_PRESETS, DemoConfig, machine_info, prepare_data, train_and_evaluate
+from benchmarks.harness.presets import describe_model
 from hf_sparse_mllm import SparseMLLMConfig
 from hf_sparse_mllm.checkpoints import recipe_changes
 from hf_sparse_mllm.data.vqa import FAMILIES, blind_baseline
@@ -149,10 +150,7 @@ def format_markdown(report: dict) -> str:
     lines = [
         "# Accuracy benchmark",
         "",
-        f"Tiny LLaVA ({config['num_hidden_layers']} x {config['hidden_size']} decoder, {config['vision_layers']} x "
-        f"{config['vision_hidden_size']} vision tower) trained from scratch on the generated VQA data: "
-        f"{config['image_size']} px / {config['patch_size']} px patches = {report['num_visual_tokens']} visual tokens, "
-        f"{config['train_samples']} training and {config['test_samples']} test questions, {config['max_steps']} steps "
+        f"{describe_model(config)}, trained from scratch on the generated VQA data: {config['train_samples']} training and {config['test_samples']} test questions, {config['max_steps']} steps "
         f"of batch {config['batch_size']}, AdamW {config['learning_rate']:g}; seeds {report['seeds']} "
         f"(mean ± standard deviation). Full = all visual tokens at inference; compressed = the recipe's compressor "
         f"and keep ratio at inference (baseline: {BASELINE_COMPRESSED_EVAL[0]} {BASELINE_COMPRESSED_EVAL[1]}), no "
@@ -325,8 +323,11 @@ def main(argv=None) -> dict:
     if not seeds:
         parser.error("--seeds is empty")
     config = DEMO_PRESETS[args.preset]
-    if args.quick:  # the smoke sizes, with the preset's decoder depth (so `bench-deep` still has layers to skip)
-        config = DEMO_PRESETS["quick"].with_model(num_hidden_layers=config.model.num_hidden_layers)
+    if args.quick:
+        # The smoke sizes, with the preset's family, patch size and decoder depth (so `bench-deep` still has layers to
+        # skip, and `bench-qwen2vl` trains its M-RoPE model).
+        quick = replace(DEMO_PRESETS["quick"], family=config.family)
+        config = quick.with_model(num_hidden_layers=config.model.num_hidden_layers, patch_size=config.model.patch_size)
     overrides = {"max_steps": args.steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
     overrides["threads"] = args.threads
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -213,3 +213,15 @@ def test_same_recipe_compares_what_trains(bench):
     for field, value in [("keep_ratio", 0.25), ("seed", 1), ("slow_mode_prob", 0.2), ("token_compressor", "pool")]:
         assert not bench.same_recipe({**saved, field: value}, config), field
     assert not bench.same_recipe({**saved, "keep_ratio": 2.0}, config)  # no longer a valid recipe
+
+
+def test_quick_qwen2_vl_bench_trains_the_m_rope_model(bench, tmp_path):
+    """`--preset bench-qwen2vl --quick` trains and scores the tiny Qwen2-VL (16 merged visual tokens at 64 px)."""
+    report = bench.main(["--preset", "bench-qwen2vl", "--recipes", "dualspeed-divprune-0.25", *_common(tmp_path)])
+    assert report["config"]["family"] == "qwen2_vl" and report["num_visual_tokens"] == 16
+    for name in ("baseline", "dualspeed-divprune-0.25"):
+        (run,) = report["runs"][name]
+        assert 0.0 <= run["accuracy"] <= 1.0 and 0.0 <= run["compressed_accuracy"] <= 1.0
+    assert report["runs"]["dualspeed-divprune-0.25"][0]["trainer"] == "SparseMLLMTrainer"
+    markdown = (tmp_path / "bench" / "accuracy-bench-qwen2vl-quick.md").read_text()
+    assert "Tiny Qwen2-VL (Qwen2-VL tower 1 x 16, M-RoPE decoder 2 x 32)" in markdown

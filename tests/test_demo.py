@@ -205,3 +205,22 @@ def test_batch_collator_matches_stock_collator(image_size, image_first):
         assert fast.keys() == stock.keys()
         for key in stock:
             torch.testing.assert_close(fast[key], stock[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_batch_collator_leaves_qwen2_vl_batches_to_the_stock_collator():
+    """Qwen2-VL's processor resizes and patchifies itself: its batches (with M-RoPE's inputs) are the stock ones."""
+    import dataclasses
+
+    from benchmarks.harness import VQABatchCollator, build_model
+    from hf_sparse_mllm.data.collator import VisionLanguageCollator
+    from hf_sparse_mllm.data.vqa import build_vqa_dataset
+
+    config = dataclasses.replace(DEMO_PRESETS["quick"], family="qwen2_vl").with_model(patch_size=8)
+    _, processor = build_model(config)
+    data = build_vqa_dataset(num_train=8, num_test=0, seed=3, image_size=64, cell_size=16)["train"]
+    rows = [data[i] for i in range(len(data))]
+    fast, stock = VQABatchCollator(processor)(rows), VisionLanguageCollator(processor)(rows)
+    assert {"mm_token_type_ids", "image_grid_thw"} <= fast.keys() == stock.keys()
+    for key in stock:
+        torch.testing.assert_close(fast[key], stock[key], atol=0, rtol=0, msg=key)
+    assert fast["image_grid_thw"].tolist() == [[1, 8, 8]] * 8  # 64 px at 8 px patches: 16 merged tokens

@@ -1,10 +1,10 @@
-"""The harness behind `make demo` and `make bench-accuracy`: presets, data, the batched collator, training runs,
-scoring with the evaluation package's `sparse_vqa` task, and reports.
+"""The harness behind `make demo` and `make bench-accuracy`: presets (tiny LLaVA and Qwen2-VL), data, the batched
+collator, training runs, scoring with the evaluation package's `sparse_vqa` task, and reports.
 
 ```python
 >>> from benchmarks.harness import DEMO_PRESETS
 >>> sorted(DEMO_PRESETS)
-['bench', 'bench-deep', 'bench-deep8', 'default', 'quick']
+['bench', 'bench-deep', 'bench-deep8', 'bench-qwen2vl', 'default', 'quick']
 
 ```
 """

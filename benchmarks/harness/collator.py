@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import LlavaProcessor
 
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
 
@@ -17,13 +18,13 @@ class VQABatchCollator:
     one-image, one-turn samples whose image already has the processor's size (the generated data), this collator
     renders the same chat template, expands `<image>` to its placeholders, tokenises the batch in one call, masks
     everything but the answer and its `</s>`, and normalises the stacked pixels with the processor's mean and std;
-    `tests/test_demo.py` checks that the batches equal the stock collator's. Other batches go to the stock
-    collator. Both runs of a comparison use it, so the comparison is unchanged; it only keeps data preparation from
+    `tests/test_demo.py` checks that the batches equal the stock collator's. Other batches, and every batch of a
+    processor other than LLaVA's (Qwen2-VL's resizes and patchifies images itself), go to the stock collator. Both runs of a comparison use it, so the comparison is unchanged; it only keeps data preparation from
     hiding the training speed-up.
 
     Args:
-        processor (`LlavaProcessor`):
-            The model's processor, with a right-padding tokenizer for the batched path.
+        processor (`ProcessorMixin`):
+            The model's processor; a `LlavaProcessor` with a right-padding tokenizer takes the batched path.
 
     Example:
 
@@ -44,6 +45,9 @@ class VQABatchCollator:
         self.processor = processor
         self.stock = VisionLanguageCollator(processor)
         self.tokenizer = processor.tokenizer
+        self.batched = isinstance(processor, LlavaProcessor)
+        if not self.batched:
+            return
         image_processor = processor.image_processor
         self.size = (image_processor.crop_size["height"], image_processor.crop_size["width"])
         self.mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
@@ -55,7 +59,7 @@ class VQABatchCollator:
         self.answer_marker = self.tokenizer.convert_tokens_to_ids(["assistant", ":"])
 
     def _can_batch(self, examples) -> bool:
-        if self.tokenizer.padding_side != "right":
+        if not self.batched or self.tokenizer.padding_side != "right":
             return False
         for example in examples:
             images = example.get("images") or []

@@ -1,7 +1,8 @@
-"""What defines one harness run: the tiny LLaVA's shape, the generated data, the optimisation and the sparse recipe.
+"""What defines one harness run: the tiny model's family and shape, the generated data, the optimisation and the
+sparse recipe.
 
-[`DemoConfig`] composes a [`~hf_sparse_mllm.tiny.TinyLlavaPreset`] (the model) with the fields the library preset
-does not have. The named presets in [`DEMO_PRESETS`] are the ones the committed results in `benchmarks/results/` were
+[`DemoConfig`] composes a [`~hf_sparse_mllm.tiny.TinyLlavaPreset`] (the model's shape, for either family: a tiny
+LLaVA or a tiny Qwen2-VL, an M-RoPE model) with the fields the library preset does not have. The named presets in [`DEMO_PRESETS`] are the ones the committed results in `benchmarks/results/` were
 measured with: changing one changes what those files describe.
 
 ```python
@@ -24,7 +25,7 @@ from typing import Any
 from hf_sparse_mllm import SparseMLLMConfig
 from hf_sparse_mllm.compressors import get_compressor
 from hf_sparse_mllm.data.vqa import vqa_vocabulary
-from hf_sparse_mllm.tiny import TinyLlavaPreset, build_tiny_llava_and_processor
+from hf_sparse_mllm.tiny import TinyLlavaPreset, build_tiny_llava_and_processor, build_tiny_qwen2_vl
 
 # The demo's model: objects fill whole patches, so one narrow tower layer recognises them, and a cheap tower leaves
 # most of the step to the language model, which is what token compression speeds up.
@@ -40,6 +41,14 @@ DEMO_MODEL = TinyLlavaPreset(
 )
 
 
+# The tiny families a harness run trains: the name reports use, the tower and decoder in words, and how many patches
+# per side one visual token merges.
+MODEL_FAMILIES: dict[str, dict[str, Any]] = {
+    "llava": {"label": "LLaVA", "tower": "CLIP-style tower", "decoder": "Llama-style decoder", "merge": 1},
+    "qwen2_vl": {"label": "Qwen2-VL", "tower": "Qwen2-VL tower", "decoder": "M-RoPE decoder", "merge": 2},
+}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """
@@ -47,8 +56,12 @@ class DemoConfig:
 
     Args:
         model ([`~hf_sparse_mllm.tiny.TinyLlavaPreset`], *optional*, defaults to `DEMO_MODEL`):
-            The tiny LLaVA's shape and image geometry (128 px / 16 px patches, 1 x 32 tower, 2 x 128 decoder). The
+            The tiny model's shape and image geometry (128 px / 16 px patches, 1 x 32 tower, 2 x 128 decoder). The
             generated images have the model's `image_size`.
+        family (`str`, *optional*, defaults to `"llava"`):
+            `"llava"` (CLIP-style tower, Llama decoder: one visual token per patch) or `"qwen2_vl"` (Qwen2-VL's
+            tower, whose patches are merged 2 x 2 into one visual token, and its M-RoPE decoder; the images are kept
+            at `image_size`, and `vision_feature_layer` is not used).
         cell_size (`int`, *optional*, defaults to `16`):
             Scene grid cell; objects fill one cell, aligned to the patches.
         max_objects (`int`, *optional*, defaults to `5`):
@@ -111,6 +124,7 @@ class DemoConfig:
     """
 
     model: TinyLlavaPreset = DEMO_MODEL
+    family: str = "llava"
     cell_size: int = 16
     max_objects: int = 5
     families: tuple[str, ...] | None = None
@@ -134,9 +148,18 @@ class DemoConfig:
     num_isolator_tokens: int = 4
     eval_batch_size: int = 100
 
+    def __post_init__(self):
+        if self.family not in MODEL_FAMILIES:
+            raise ValueError(f"family must be one of {sorted(MODEL_FAMILIES)}, got {self.family!r}.")
+
+    @property
+    def token_size(self) -> int:
+        """Pixels per side of one visual token: a patch, or (Qwen2-VL) 2 x 2 merged patches."""
+        return self.model.patch_size * MODEL_FAMILIES[self.family]["merge"]
+
     @property
     def num_visual_tokens(self) -> int:
-        return self.model.num_visual_tokens
+        return (self.model.image_size // self.token_size) ** 2
 
     @property
     def kept_visual_tokens(self) -> int:
@@ -152,7 +175,7 @@ class DemoConfig:
         """
         if self.token_compressor is None:
             return self.num_visual_tokens
-        side = self.model.image_size // self.model.patch_size
+        side = self.model.image_size // self.token_size
         return get_compressor(self.token_compressor).budget(
             num_tokens=self.num_visual_tokens, keep_ratio=self.keep_ratio, grid_size=(side, side)
         )
@@ -210,6 +233,9 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
     # The combined recipe with 8 decoder layers: the language model dominates the step (the baseline takes more than
     # twice as long as with 4), and skipping a layer is an eighth of the depth, not a quarter.
     "bench-deep8": DemoConfig(model=dataclasses.replace(DEMO_MODEL, image_size=192, num_hidden_layers=8)),
+    # An M-RoPE model (`make bench-accuracy-qwen2vl`): a tiny Qwen2-VL on the demo's data, 8 px patches merged 2 x 2,
+    # so each visual token covers one 16 px scene cell as the LLaVA presets' patches do (64 tokens).
+    "bench-qwen2vl": DemoConfig(model=dataclasses.replace(DEMO_MODEL, patch_size=8), family="qwen2_vl"),
     # A smoke run (tests, `--quick`): the demo's model at 64 px (16 visual tokens) and narrower, a few steps, seconds.
     "quick": DemoConfig(
         model=dataclasses.replace(
@@ -230,14 +256,58 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
 
 
 def build_model(config: DemoConfig):
-    """The tiny LLaVA and its processor for `config` (weights seeded by `config.seed`, the VQA data's vocabulary).
+    """The tiny model of `config.family` and its processor (weights seeded by `config.seed`, the VQA data's
+    vocabulary).
 
     ```python
+    >>> import dataclasses
     >>> from benchmarks.harness.presets import DEMO_PRESETS, build_model
     >>> model, processor = build_model(DEMO_PRESETS["quick"])
     >>> model.config.image_seq_length
     16
+    >>> qwen = dataclasses.replace(DEMO_PRESETS["quick"], family="qwen2_vl").with_model(patch_size=8)
+    >>> model, processor = build_model(qwen)
+    >>> model.config.model_type, qwen.num_visual_tokens
+    ('qwen2_vl', 16)
 
     ```
     """
-    return build_tiny_llava_and_processor(config.model, words=vqa_vocabulary(), seed=config.seed)
+    if config.family == "llava":
+        return build_tiny_llava_and_processor(config.model, words=vqa_vocabulary(), seed=config.seed)
+    shape = config.model
+    pixels = shape.image_size**2  # the generated images keep their size
+    return build_tiny_qwen2_vl(
+        words=vqa_vocabulary(),
+        seed=config.seed,
+        patch_size=shape.patch_size,
+        min_pixels=pixels,
+        max_pixels=pixels,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        vision_hidden_size=shape.vision_hidden_size,
+        vision_layers=shape.vision_layers,
+    )
+
+
+def describe_model(config: dict[str, Any]) -> str:
+    """The model and its visual tokens in words, from a results file's flat `config` (files written before `family`
+    existed are LLaVA's).
+
+    ```python
+    >>> from benchmarks.harness.presets import DEMO_PRESETS, describe_model
+    >>> describe_model(DEMO_PRESETS["default"].to_dict())
+    'Tiny LLaVA (CLIP-style tower 1 x 32, Llama-style decoder 2 x 128): 128 px images, 16 px patches = 64 visual tokens'
+
+    ```
+    """
+    family = MODEL_FAMILIES[config.get("family", "llava")]
+    merge = family["merge"]
+    tokens = (config["image_size"] // (config["patch_size"] * merge)) ** 2
+    merged = f" merged {merge} x {merge}" if merge > 1 else ""
+    return (
+        f"Tiny {family['label']} ({family['tower']} {config['vision_layers']} x {config['vision_hidden_size']}, "
+        f"{family['decoder']} {config['num_hidden_layers']} x {config['hidden_size']}): {config['image_size']} px "
+        f"images, {config['patch_size']} px patches{merged} = {tokens} visual tokens"
+    )

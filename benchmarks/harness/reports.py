@@ -12,6 +12,8 @@ from typing import Any
 
 from hf_sparse_mllm.data.vqa import FAMILIES
 
+from .presets import describe_model
+
 
 def _pct(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
@@ -114,10 +116,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         "# hf-sparse-mllm demo",
         "",
-        f"Tiny LLaVA (CLIP-style tower {config['vision_layers']} x {config['vision_hidden_size']}, Llama-style decoder "
-        f"{config['num_hidden_layers']} x {config['hidden_size']}) trained from scratch on the generated CLEVR-like VQA "
-        f"data: {config['image_size']} px images, {config['patch_size']} px patches = {report['num_visual_tokens']} "
-        f"visual tokens, {config['train_samples']} training and {config['test_samples']} test questions, "
+        f"{describe_model(config)}, trained from scratch on the generated CLEVR-like VQA data: "
+        f"{config['train_samples']} training and {config['test_samples']} test questions, "
         f"{config['max_steps']} steps of batch {config['batch_size']}, AdamW {config['learning_rate']:g} "
         f"({config['warmup_steps']} warm-up steps, cosine), seed {config['seed']}.",
         "",
