@@ -1,34 +1,65 @@
-"""Helpers shared by the tiny family builders: seeded initialisation, text config fields, processor registration."""
+"""Helpers shared by the tiny family builders: the shared widths and depths, seeded initialisation, processor
+registration."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from transformers import AutoProcessor, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
-def text_config_kwargs(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-) -> dict[str, Any]:
-    """The fields every tiny decoder config shares: widths, vocabulary size and special token ids."""
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+@dataclass(frozen=True)
+class TinyShape:
+    """
+    The widths and depths every family builder takes (described once, in `build_tiny_model_and_processor`), and the
+    config fields they set.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vision_hidden_size: int
+    vision_layers: int
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> TinyShape:
+        """The shape among a builder's arguments (its `locals()`)."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+
+    def text_config(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """The fields every tiny decoder config shares: widths, vocabulary size and special token ids."""
+        return dict(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_attention_heads,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        )
+
+    def vision_config(self, *, image_size: Any, patch_size: Any, mlp_ratio: int = 2) -> dict[str, Any]:
+        """The fields of a ViT-style tower (CLIP, SigLIP, Idefics3's, InternViT) with the decoder's head count."""
+        return dict(
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=mlp_ratio * self.vision_hidden_size,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.num_attention_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        )
+
+
+def check_patch_size(image_size: int, patch_size: int) -> None:
+    if image_size % patch_size:
+        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
 
 
 def init_tiny_model(

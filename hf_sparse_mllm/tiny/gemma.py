@@ -43,7 +43,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import init_tiny_model, text_config_kwargs
+from ._common import TinyShape, check_patch_size, init_tiny_model
 from .registry import register_tiny_family
 from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
 
@@ -52,21 +52,6 @@ GEMMA3_TOKENS = {
     "image_token": "<image_soft_token>",
     "eoi_token": "<end_of_image>",
 }
-
-
-def _siglip_config(
-    *, image_size: int, patch_size: int, hidden_size: int, layers: int, heads: int
-) -> SiglipVisionConfig:
-    if image_size % patch_size:
-        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
-    return SiglipVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
 
 
 @register_tiny_family("gemma3")
@@ -91,13 +76,9 @@ def build_tiny_gemma3(
     Build a tiny Gemma 3 (SigLIP tower, pooled projector, Gemma 3 decoder with sliding and global layers) and its
     processor, offline.
 
+    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+
     Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
         image_size (`int`, *optional*, defaults to `32`):
             Side of the square images fed to the vision tower.
         patch_size (`int`, *optional*, defaults to `4`):
@@ -106,20 +87,6 @@ def build_tiny_gemma3(
             Visual tokens per image after average pooling: a square whose side divides `image_size // patch_size`.
         sliding_window (`int`, *optional*, defaults to `32`):
             Attention window of the sliding-window decoder layers (every other layer, starting with the first).
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 2x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
 
     Returns:
         `tuple[Gemma3ForConditionalGeneration, Gemma3Processor]`: the model (float32, eval mode) and processor.
@@ -143,6 +110,7 @@ def build_tiny_gemma3(
             f"mm_tokens_per_image must be a square whose side divides image_size // patch_size = {patches_per_side}, "
             f"got {mm_tokens_per_image}"
         )
+    check_patch_size(image_size, patch_size)
     tokenizer = build_word_tokenizer(
         words,
         named_special_tokens=GEMMA3_TOKENS,
@@ -156,27 +124,15 @@ def build_tiny_gemma3(
         chat_template=make_chat_template(GEMMA3_TOKENS["boi_token"]),
         image_seq_length=mm_tokens_per_image,
     )
-    head_dim = hidden_size // num_attention_heads
+    shape, head_dim = TinyShape.of(locals()), hidden_size // num_attention_heads
     text_config = Gemma3TextConfig(
-        **text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        ),
+        **shape.text_config(tokenizer),
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,
         sliding_window=sliding_window,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)],
     )
-    vision_config = _siglip_config(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=vision_hidden_size,
-        layers=vision_layers,
-        heads=num_attention_heads,
-    )
+    vision_config = SiglipVisionConfig(**shape.vision_config(image_size=image_size, patch_size=patch_size))
     config = Gemma3Config(
         text_config=text_config,
         vision_config=vision_config,
@@ -212,31 +168,13 @@ def build_tiny_paligemma(
     Build a tiny PaliGemma (SigLIP tower, linear projector, Gemma decoder with a prefix-LM mask) and its processor,
     offline.
 
+    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+
     Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
         image_size (`int`, *optional*, defaults to `32`):
             Side of the square images fed to the vision tower.
         patch_size (`int`, *optional*, defaults to `8`):
             Patch side of the vision tower; `(image_size // patch_size) ** 2` visual tokens per image.
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 2x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
 
     Returns:
         `tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]`: the model (float32, eval mode) and processor.
@@ -254,6 +192,7 @@ def build_tiny_paligemma(
     0
     ```
     """
+    check_patch_size(image_size, patch_size)
     tokenizer = build_word_tokenizer(
         words, chat_template=make_chat_template(IMAGE_TOKEN, bos=False), padding_side=padding_side
     )
@@ -265,26 +204,10 @@ def build_tiny_paligemma(
     processor = PaliGemmaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=make_chat_template(IMAGE_TOKEN, bos=False)
     )
-    vision_config = _siglip_config(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=vision_hidden_size,
-        layers=vision_layers,
-        heads=num_attention_heads,
-    )
-    text_config = GemmaConfig(
-        **text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        ),
-        head_dim=hidden_size // num_attention_heads,
-    )
+    shape = TinyShape.of(locals())
     config = PaliGemmaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
+        vision_config=SiglipVisionConfig(**shape.vision_config(image_size=image_size, patch_size=patch_size)),
+        text_config=GemmaConfig(**shape.text_config(tokenizer), head_dim=hidden_size // num_attention_heads),
         image_token_index=processor.image_token_id,
         projection_dim=hidden_size,
         tie_word_embeddings=False,

@@ -37,7 +37,7 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from ._common import init_tiny_model, register_processor, text_config_kwargs
+from ._common import TinyShape, init_tiny_model, register_processor
 from .registry import register_tiny_family
 from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
 
@@ -137,26 +137,10 @@ def _build(
         image_seq_len=image_seq_len,
         chat_template=make_chat_template(IMAGE_TOKEN),
     )
-    vision_config = dict(
-        hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=num_attention_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
-    text_config = LlamaConfig(
-        **text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        )
-    )
+    shape = TinyShape.of(locals())
     config = config_class(
-        vision_config=vision_config,
-        text_config=text_config,
+        vision_config=shape.vision_config(image_size=image_size, patch_size=patch_size),
+        text_config=LlamaConfig(**shape.text_config(tokenizer)),
         image_token_id=processor.image_token_id,
         scale_factor=scale_factor,
         pad_token_id=tokenizer.pad_token_id,
@@ -186,13 +170,9 @@ def build_tiny_idefics3(
     Build a tiny Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama decoder, image splitting) and its
     processor, offline.
 
+    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+
     Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
         image_size (`int`, *optional*, defaults to `32`):
             Side of a tile (the vision tower's input).
         patch_size (`int`, *optional*, defaults to `4`):
@@ -200,20 +180,6 @@ def build_tiny_idefics3(
         longest_edge (`int`, *optional*, defaults to `64`):
             Longest edge images are resized to before splitting (a multiple of `image_size`: at most
             `longest_edge // image_size` tiles per side).
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 2x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
 
     Returns:
         `tuple[Idefics3ForConditionalGeneration, Idefics3Processor]`: the model (float32, eval mode) and processor.

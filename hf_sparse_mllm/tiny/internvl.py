@@ -28,7 +28,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from ._common import init_tiny_model, register_processor, text_config_kwargs
+from ._common import TinyShape, init_tiny_model, register_processor
 from .registry import register_tiny_family
 from .tokenizer import build_word_tokenizer, make_chat_template
 
@@ -90,33 +90,15 @@ def build_tiny_internvl(
     Build a tiny InternVL (InternViT-style tower, pixel-shuffle projector, Qwen2 decoder, dynamic tiling) and its
     image-only processor, offline.
 
+    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+
     Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
         image_size (`int`, *optional*, defaults to `32`):
             Side of a tile (the vision tower's input).
         patch_size (`int`, *optional*, defaults to `4`):
             Patch side of the vision tower; `(image_size // patch_size) ** 2 / 4` visual tokens per tile.
         max_tiles (`int`, *optional*, defaults to `4`):
             Most tiles per image (a thumbnail is added when there are several).
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 2x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
 
     Returns:
         `tuple[InternVLForConditionalGeneration, ImageOnlyInternVLProcessor]`: the model (float32, eval mode) and
@@ -157,26 +139,12 @@ def build_tiny_internvl(
         image_seq_length=image_seq_length,
         chat_template=make_chat_template(placeholder),
     )
-    vision_config = InternVLVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=num_attention_heads,
-        image_size=[image_size, image_size],
-        patch_size=[patch_size, patch_size],
-    )
-    text_config = Qwen2Config(
-        **text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        )
-    )
+    shape = TinyShape.of(locals())
     config = InternVLConfig(
-        vision_config=vision_config,
-        text_config=text_config,
+        vision_config=InternVLVisionConfig(
+            **shape.vision_config(image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
+        ),
+        text_config=Qwen2Config(**shape.text_config(tokenizer)),
         image_token_id=processor.image_token_id,
         image_seq_length=image_seq_length,
         downsample_ratio=0.5,

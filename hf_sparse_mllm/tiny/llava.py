@@ -28,7 +28,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from ._common import init_tiny_model
+from ._common import TinyShape, check_patch_size, init_tiny_model
 from .registry import register_tiny_family
 from .tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_word_tokenizer
 
@@ -75,8 +75,7 @@ def build_tiny_processor(
     (torch.Size([1, 3, 32, 32]), 16)
     ```
     """
-    if image_size % patch_size:
-        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
+    check_patch_size(image_size, patch_size)
     if vision_feature_select_strategy not in ("default", "full"):
         raise ValueError(
             f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}"
@@ -114,29 +113,16 @@ def build_tiny_llava(
     that matches `processor`.
 
     Vocabulary size, special token ids, image size, patch size and feature-selection strategy come from the
-    processor, so its outputs can be fed to the model as they are. The weights depend only on `seed`.
+    processor, so its outputs can be fed to the model as they are. The widths, depths, `seed` and
+    `attn_implementation` are those every tiny builder takes (see [`build_tiny_model_and_processor`]), with LLaVA's
+    own defaults (`hidden_size=64`, `intermediate_size=128`, `num_attention_heads=4`) and a vision tower whose MLP is
+    4x wider.
 
     Args:
         processor ([`~transformers.LlavaProcessor`]):
             A processor from [`build_tiny_processor`] (or any LLaVA processor with a CLIP-style image processor).
-        hidden_size (`int`, *optional*, defaults to `64`):
-            Width of the language model.
-        intermediate_size (`int`, *optional*, defaults to `128`):
-            MLP width of the language model.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `4`):
-            Attention heads of both the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 4x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
         vision_feature_layer (`int`, *optional*, defaults to `-1`):
             Vision hidden state fed to the projector (LLaVA-1.5 uses `-2`, which leaves the last tower layer unused).
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation; the global RNG state is restored afterwards.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation of both towers (`"sdpa"` or `"eager"`).
 
     Returns:
         [`~transformers.LlavaForConditionalGeneration`]: the model, in float32 and in eval mode.
@@ -150,33 +136,15 @@ def build_tiny_llava(
     (32, 4)
     ```
     """
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    image_size = image_processor.crop_size["height"]
-    patch_size = processor.patch_size
+    shape, tokenizer = TinyShape.of(locals()), processor.tokenizer
+    image_size, patch_size = processor.image_processor.crop_size["height"], processor.patch_size
     num_patches = (image_size // patch_size) ** 2
     strategy = processor.vision_feature_select_strategy or "default"
     vision_config = CLIPVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=4 * vision_hidden_size,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=num_attention_heads,
-        image_size=image_size,
-        patch_size=patch_size,
+        **shape.vision_config(image_size=image_size, patch_size=patch_size, mlp_ratio=4),
         projection_dim=vision_hidden_size,
     )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        max_position_embeddings=max(2048, 4 * num_patches),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    text_config = LlamaConfig(**shape.text_config(tokenizer), max_position_embeddings=max(2048, 4 * num_patches))
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -198,25 +166,13 @@ class TinyLlavaPreset:
     """
     Shape of a tiny LLaVA: image geometry for [`build_tiny_processor`] and widths for [`build_tiny_llava`].
 
+    The fields after `patch_size` are the arguments of [`build_tiny_llava`] of the same names, with its defaults.
+
     Args:
         image_size (`int`):
             Side of the square input images.
         patch_size (`int`):
             Patch side; `(image_size // patch_size) ** 2` visual tokens per image.
-        hidden_size (`int`, *optional*, defaults to `64`):
-            Width of the language model.
-        intermediate_size (`int`, *optional*, defaults to `128`):
-            MLP width of the language model.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `4`):
-            Attention heads.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower.
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        vision_feature_layer (`int`, *optional*, defaults to `-1`):
-            Vision hidden state fed to the projector.
 
     Example:
 
@@ -242,31 +198,23 @@ class TinyLlavaPreset:
         return (self.image_size // self.patch_size) ** 2
 
 
+# Widths of the presets with a real model's token geometry: wide enough for the visual tokens to differ.
+_WIDER = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    vision_hidden_size=64,
+    vision_layers=2,
+    vision_feature_layer=-2,
+)
+
 TINY_LLAVA_PRESETS: dict[str, TinyLlavaPreset] = {
     # Unit tests: 16 visual tokens, a forward pass takes milliseconds.
     "test": TinyLlavaPreset(image_size=32, patch_size=8),
     # LLaVA-1.5's token geometry (336 px, 14 px patches, 576 tokens, features from layer -2) at tiny widths.
-    "llava15": TinyLlavaPreset(
-        image_size=336,
-        patch_size=14,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        vision_hidden_size=64,
-        vision_layers=2,
-        vision_feature_layer=-2,
-    ),  # fmt: skip
-    # A ViT-B/16-style grid: 224 px, 16 px patches, 196 tokens.
-    "vit196": TinyLlavaPreset(
-        image_size=224,
-        patch_size=16,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        vision_hidden_size=64,
-        vision_layers=2,
-        vision_feature_layer=-2,
-    ),  # fmt: skip
+    "llava15": TinyLlavaPreset(image_size=336, patch_size=14, **_WIDER),
+    # A ViT-B/16-style grid at the same widths: 224 px, 16 px patches, 196 tokens.
+    "vit196": TinyLlavaPreset(image_size=224, patch_size=16, **_WIDER),
 }
 
 
@@ -284,20 +232,15 @@ def build_tiny_llava_and_processor(
     """
     Build a matching tiny LLaVA model and processor from a named preset.
 
+    `words`, `seed`, `padding_side` and `attn_implementation` are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
+
     Args:
         preset (`str` or [`TinyLlavaPreset`], *optional*, defaults to `"test"`):
             A key of `TINY_LLAVA_PRESETS` (`"test"`: 32 px / 8 px patches, 16 visual tokens; `"llava15"`: 336 / 14,
             576 tokens; `"vit196"`: 224 / 16, 196 tokens) or a preset object.
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
             See [`build_tiny_processor`].
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            See [`build_tiny_llava`].
         **overrides:
             Fields of [`TinyLlavaPreset`] to change, e.g. `hidden_size=128` or `image_size=96`.
 

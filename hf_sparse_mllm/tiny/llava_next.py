@@ -38,7 +38,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import init_tiny_model, register_processor, text_config_kwargs
+from ._common import TinyShape, check_patch_size, init_tiny_model, register_processor
 from .registry import register_tiny_family
 from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
 
@@ -49,8 +49,7 @@ DEFAULT_PINPOINTS = ((32, 64), (64, 32))
 def _check_geometry(
     image_size: int, patch_size: int, image_grid_pinpoints: Sequence[Sequence[int]]
 ) -> list[list[int]]:
-    if image_size % patch_size:
-        raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
+    check_patch_size(image_size, patch_size)
     pinpoints = [[int(h), int(w)] for h, w in image_grid_pinpoints]
     bad = [p for p in pinpoints if p[0] % image_size or p[1] % image_size]
     if bad:
@@ -78,33 +77,15 @@ def build_tiny_llava_next(
     """
     Build a tiny LLaVA-NeXT (CLIP tower, Llama decoder, anyres tiling) and its processor, offline.
 
+    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+
     Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
         image_size (`int`, *optional*, defaults to `32`):
             Side of a tile (the vision tower's input).
         patch_size (`int`, *optional*, defaults to `8`):
             Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
         image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
             Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 2x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
 
     Returns:
         `tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]`: the model (float32, eval mode) and processor.
@@ -138,27 +119,12 @@ def build_tiny_llava_next(
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by the "default" strategy
     )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=num_attention_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden_size,
-    )
-    text_config = LlamaConfig(
-        **text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        )
-    )
+    shape = TinyShape.of(locals())
     config = LlavaNextConfig(
-        vision_config=vision_config,
-        text_config=text_config,
+        vision_config=CLIPVisionConfig(
+            **shape.vision_config(image_size=image_size, patch_size=patch_size), projection_dim=vision_hidden_size
+        ),
+        text_config=LlamaConfig(**shape.text_config(tokenizer)),
         image_token_id=processor.image_token_id,
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",
@@ -232,33 +198,7 @@ def build_tiny_llava_onevision(
     """
     Build a tiny LLaVA-OneVision (SigLIP tower, Qwen2 decoder, anyres tiling) and its image-only processor, offline.
 
-    Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
-        image_size (`int`, *optional*, defaults to `32`):
-            Side of a tile (the vision tower's input).
-        patch_size (`int`, *optional*, defaults to `8`):
-            Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
-        image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
-            Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower (its MLP is 2x wider).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision encoder layers.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
+    The arguments are those of [`build_tiny_llava_next`].
 
     Returns:
         `tuple[LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor]`: the model (float32, eval
@@ -291,26 +231,10 @@ def build_tiny_llava_onevision(
         vision_feature_select_strategy="full",  # SigLIP has no CLS feature to drop
         chat_template=make_chat_template(IMAGE_TOKEN),
     )
-    vision_config = SiglipVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=num_attention_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
-    text_config = Qwen2Config(
-        **text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        )
-    )
+    shape = TinyShape.of(locals())
     config = LlavaOnevisionConfig(
-        vision_config=vision_config,
-        text_config=text_config,
+        vision_config=SiglipVisionConfig(**shape.vision_config(image_size=image_size, patch_size=patch_size)),
+        text_config=Qwen2Config(**shape.text_config(tokenizer)),
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
         image_grid_pinpoints=pinpoints,

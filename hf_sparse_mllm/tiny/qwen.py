@@ -39,7 +39,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from ._common import init_tiny_model, register_processor, text_config_kwargs
+from ._common import TinyShape, init_tiny_model, register_processor
 from .registry import register_tiny_family
 from .tokenizer import build_word_tokenizer, make_chat_template
 
@@ -52,19 +52,22 @@ QWEN_TOKENS = {
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-@register_processor
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+class _ImageOnly:
     """
-    [`~transformers.Qwen2VLProcessor`] without its video processor, so it builds and reloads without `torchvision` (see
-    `register_processor`). Images and text are processed exactly as by the parent class.
+    The `__init__` the three Qwen processors share, without `video_processor`: placed before the stock processor in
+    the bases, it makes that processor build and reload without `torchvision` (see `register_processor`). Images and
+    text are processed exactly as by the stock class.
 
     Example:
 
     ```python
-    >>> from hf_sparse_mllm.tiny import build_tiny_qwen2_vl
-    >>> _, processor = build_tiny_qwen2_vl(words=["red"])
-    >>> type(processor).__name__, processor.get_attributes()
-    ('ImageOnlyQwen2VLProcessor', ['image_processor', 'tokenizer'])
+    >>> from hf_sparse_mllm.tiny import build_tiny_model_and_processor
+    >>> for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    ...     _, processor = build_tiny_model_and_processor(family, words=["red"], num_hidden_layers=1)
+    ...     print(type(processor).__name__, processor.get_attributes())
+    ImageOnlyQwen2VLProcessor ['image_processor', 'tokenizer']
+    ImageOnlyQwen2_5_VLProcessor ['image_processor', 'tokenizer']
+    ImageOnlyQwen3VLProcessor ['image_processor', 'tokenizer']
     ```
     """
 
@@ -73,43 +76,18 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 @register_processor
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """
-    [`~transformers.Qwen2_5_VLProcessor`] without its video processor, so it builds and reloads without `torchvision` (see
-    `register_processor`). Images and text are processed exactly as by the parent class.
-
-    Example:
-
-    ```python
-    >>> from hf_sparse_mllm.tiny import build_tiny_qwen2_5_vl
-    >>> _, processor = build_tiny_qwen2_5_vl(words=["red"])
-    >>> type(processor).__name__, processor.get_attributes()
-    ('ImageOnlyQwen2_5_VLProcessor', ['image_processor', 'tokenizer'])
-    ```
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+class ImageOnlyQwen2VLProcessor(_ImageOnly, Qwen2VLProcessor):
+    """[`~transformers.Qwen2VLProcessor`] without its video processor (see `_ImageOnly` for an example)."""
 
 
 @register_processor
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """
-    [`~transformers.Qwen3VLProcessor`] without its video processor, so it builds and reloads without `torchvision` (see
-    `register_processor`). Images and text are processed exactly as by the parent class.
+class ImageOnlyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
+    """[`~transformers.Qwen2_5_VLProcessor`] without its video processor (see `_ImageOnly` for an example)."""
 
-    Example:
 
-    ```python
-    >>> from hf_sparse_mllm.tiny import build_tiny_qwen3_vl
-    >>> _, processor = build_tiny_qwen3_vl(words=["red"])
-    >>> type(processor).__name__, processor.get_attributes()
-    ('ImageOnlyQwen3VLProcessor', ['image_processor', 'tokenizer'])
-    ```
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+@register_processor
+class ImageOnlyQwen3VLProcessor(_ImageOnly, Qwen3VLProcessor):
+    """[`~transformers.Qwen3VLProcessor`] without its video processor (see `_ImageOnly` for an example)."""
 
 
 _PROCESSORS = {
@@ -124,21 +102,25 @@ _MODELS = {
 }
 
 
-def _vision_config(
-    family: str, *, hidden_size: int, vision_hidden_size: int, vision_layers: int, heads: int, patch_size: int
-) -> dict:
+def _vision_config(family: str, shape: TinyShape, patch_size: int) -> dict:
     shared = dict(
-        depth=vision_layers, num_heads=heads, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2
+        depth=shape.vision_layers,
+        num_heads=shape.num_attention_heads,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
     )
     if family == "qwen2_vl":
         # `hidden_size` is the merger's output width (the decoder's), `embed_dim` the tower's own width.
-        return dict(shared, embed_dim=vision_hidden_size, hidden_size=hidden_size, mlp_ratio=2)
+        return dict(shared, embed_dim=shape.vision_hidden_size, hidden_size=shape.hidden_size, mlp_ratio=2)
     shared.update(
-        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size
+        hidden_size=shape.vision_hidden_size,
+        intermediate_size=2 * shape.vision_hidden_size,
+        out_hidden_size=shape.hidden_size,
     )
     if family == "qwen2_5_vl":
         # Windows of 2 x 2 merged tokens, so window reordering really happens; the last block attends globally.
-        return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[vision_layers - 1])
+        return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[shape.vision_layers - 1])
     return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
 
 
@@ -183,29 +165,11 @@ def _build(
     # M-RoPE splits the head's rotary frequencies (head_dim / 2) into temporal, height and width sections.
     quarter = head_dim // 8
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
-    text_config = dict(
-        text_config_kwargs(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-        ),
-        head_dim=head_dim,
-        rope_parameters=rope_parameters,
-    )
-    vision_config = _vision_config(
-        family,
-        hidden_size=hidden_size,
-        vision_hidden_size=vision_hidden_size,
-        vision_layers=vision_layers,
-        heads=num_attention_heads,
-        patch_size=patch_size,
-    )
+    shape = TinyShape.of(locals())
     config_class, model_class = _MODELS[family]
     config = config_class(
-        text_config=text_config,
-        vision_config=vision_config,
+        text_config=dict(shape.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters),
+        vision_config=_vision_config(family, shape, patch_size),
         image_token_id=tokenizer.image_token_id,
         video_token_id=tokenizer.video_token_id,
         vision_start_token_id=tokenizer.vision_start_token_id,
@@ -236,33 +200,16 @@ def build_tiny_qwen2_vl(
     """
     Build a tiny Qwen2-VL (dynamic-resolution vision tower, M-RoPE decoder) and its image-only processor, offline.
 
+    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`];
+    `hidden_size // num_attention_heads` must be a multiple of 8 (the M-RoPE sections).
+
     Args:
-        words (`Iterable[str]`):
-            Vocabulary words, see [`build_word_tokenizer`].
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
-        padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
         patch_size (`int`, *optional*, defaults to `8`):
             Patch side of the vision tower; patches are merged 2 x 2 into one visual token.
         min_pixels (`int`, *optional*, defaults to `1024`):
             Fewest pixels of a resized image (32 x 32: 4 visual tokens).
         max_pixels (`int`, *optional*, defaults to `9216`):
             Most pixels of a resized image (96 x 96: 36 visual tokens).
-        hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the decoder; `hidden_size // num_attention_heads` must be a multiple of 8.
-        intermediate_size (`int`, *optional*, defaults to `64`):
-            MLP width of the decoder.
-        num_hidden_layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to `2`):
-            Attention heads of the decoder and the vision tower.
-        vision_hidden_size (`int`, *optional*, defaults to `32`):
-            Width of the vision tower.
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Vision blocks.
-        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation (`"sdpa"` or `"eager"`).
 
     Returns:
         `tuple[Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor]`: the model (float32, eval mode) and

@@ -72,7 +72,12 @@ def build_tiny_model_and_processor(
     The model is in float32 and eval mode, uses SDPA attention, and its weights depend only on `seed`. The processor
     has a word-level tokenizer over `words` plus the family's special tokens, the family's PIL image processor and a
     chat template in TRL's conversational format whose assistant turns are marked for
-    `return_assistant_tokens_mask=True`. See each family's builder (e.g. [`build_tiny_qwen2_vl`]) for its geometry.
+    `return_assistant_tokens_mask=True`.
+
+    Every family's builder takes the arguments below: `words`, `seed`, `padding_side`, and, through `overrides`, the
+    widths, depths and attention implementation (the defaults given are every family's but `llava`'s, see
+    [`build_tiny_llava`]). The builders document only their own arguments, the image geometry of their family (e.g.
+    [`build_tiny_qwen2_vl`]).
 
     Args:
         family (`str`):
@@ -80,11 +85,25 @@ def build_tiny_model_and_processor(
         words (`Iterable[str]`):
             Vocabulary words, see [`build_word_tokenizer`].
         seed (`int`, *optional*, defaults to `0`):
-            Seed of the weight initialisation.
+            Seed of the weight initialisation; the global RNG state is restored afterwards.
         padding_side (`str`, *optional*, defaults to `"right"`):
-            Padding side of the tokenizer.
+            Padding side of the tokenizer (`"left"` for batched generation).
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            MLP width of the decoder.
+        num_hidden_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `2`):
+            Attention heads of the decoder and the vision tower.
+        vision_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the vision tower (its MLP is 2x wider).
+        vision_layers (`int`, *optional*, defaults to `2`):
+            Vision encoder layers.
+        attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation of both towers (`"sdpa"` or `"eager"`).
         **overrides:
-            Keyword arguments of the family's builder, e.g. `hidden_size=64` or `num_hidden_layers=1`.
+            Keyword arguments of the family's builder: the widths above, or its own, e.g. `patch_size=4`.
 
     Returns:
         `tuple[PreTrainedModel, ProcessorMixin]`: the model and its processor.
