@@ -76,7 +76,8 @@ def build_tiny_gemma3(
     Build a tiny Gemma 3 (SigLIP tower, pooled projector, Gemma 3 decoder with sliding and global layers) and its
     processor, offline.
 
-    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
@@ -87,9 +88,6 @@ def build_tiny_gemma3(
             Visual tokens per image after average pooling: a square whose side divides `image_size // patch_size`.
         sliding_window (`int`, *optional*, defaults to `32`):
             Attention window of the sliding-window decoder layers (every other layer, starting with the first).
-
-    Returns:
-        `tuple[Gemma3ForConditionalGeneration, Gemma3Processor]`: the model (float32, eval mode) and processor.
 
     Example:
 
@@ -121,7 +119,7 @@ def build_tiny_gemma3(
     processor = Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=make_chat_template(GEMMA3_TOKENS["boi_token"]),
+        chat_template=tokenizer.chat_template,
         image_seq_length=mm_tokens_per_image,
     )
     shape, head_dim = TinyShape.of(locals()), hidden_size // num_attention_heads
@@ -168,16 +166,14 @@ def build_tiny_paligemma(
     Build a tiny PaliGemma (SigLIP tower, linear projector, Gemma decoder with a prefix-LM mask) and its processor,
     offline.
 
-    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
             Side of the square images fed to the vision tower.
         patch_size (`int`, *optional*, defaults to `8`):
             Patch side of the vision tower; `(image_size // patch_size) ** 2` visual tokens per image.
-
-    Returns:
-        `tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]`: the model (float32, eval mode) and processor.
 
     Example:
 
@@ -202,7 +198,7 @@ def build_tiny_paligemma(
     )
     # PaliGemma's processor adds 1,152 location and segmentation words to the tokenizer: count them in the vocabulary.
     processor = PaliGemmaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=make_chat_template(IMAGE_TOKEN, bos=False)
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )
     shape = TinyShape.of(locals())
     config = PaliGemmaConfig(

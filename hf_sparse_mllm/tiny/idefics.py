@@ -54,8 +54,8 @@ ROW_COL_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in ran
 @register_processor
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
     """
-    [`~transformers.SmolVLMProcessor`] without its video processor, so it builds and reloads without `torchvision`
-    (see `register_processor`). Images and text are processed exactly as by the parent class.
+    [`~transformers.SmolVLMProcessor`] without its video processor (see `register_processor`); its
+    `apply_chat_template` skips the video sampling defaults SmolVLM's reads from that video processor.
 
     Example:
 
@@ -99,14 +99,10 @@ def _build(
     image_size: int,
     patch_size: int,
     longest_edge: int,
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    vision_hidden_size: int,
-    vision_layers: int,
     attn_implementation: str,
+    **widths: int,
 ):
+    shape = TinyShape(**widths)
     scale_factor = 2
     if image_size % (patch_size * scale_factor):
         raise ValueError(
@@ -135,9 +131,8 @@ def _build(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_len=image_seq_len,
-        chat_template=make_chat_template(IMAGE_TOKEN),
+        chat_template=tokenizer.chat_template,
     )
-    shape = TinyShape.of(locals())
     config = config_class(
         vision_config=shape.vision_config(image_size=image_size, patch_size=patch_size),
         text_config=LlamaConfig(**shape.text_config(tokenizer)),
@@ -170,7 +165,8 @@ def build_tiny_idefics3(
     Build a tiny Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama decoder, image splitting) and its
     processor, offline.
 
-    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
@@ -180,9 +176,6 @@ def build_tiny_idefics3(
         longest_edge (`int`, *optional*, defaults to `64`):
             Longest edge images are resized to before splitting (a multiple of `image_size`: at most
             `longest_edge // image_size` tiles per side).
-
-    Returns:
-        `tuple[Idefics3ForConditionalGeneration, Idefics3Processor]`: the model (float32, eval mode) and processor.
 
     Example:
 
@@ -224,10 +217,6 @@ def build_tiny_smolvlm(
 
     The arguments are those of [`build_tiny_idefics3`]. Needs the `num2words` package (SmolVLM's processor imports
     it for video prompts).
-
-    Returns:
-        `tuple[SmolVLMForConditionalGeneration, ImageOnlySmolVLMProcessor]`: the model (float32, eval mode) and
-        processor.
 
     Example:
 

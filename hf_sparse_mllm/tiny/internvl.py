@@ -43,8 +43,7 @@ INTERNVL_TOKENS = {
 @register_processor
 class ImageOnlyInternVLProcessor(InternVLProcessor):
     """
-    [`~transformers.InternVLProcessor`] without its video processor, so it builds and reloads without `torchvision`
-    (see `register_processor`). Images and text are processed exactly as by the parent class.
+    [`~transformers.InternVLProcessor`] without its video processor (see `register_processor`).
 
     Example:
 
@@ -90,7 +89,8 @@ def build_tiny_internvl(
     Build a tiny InternVL (InternViT-style tower, pixel-shuffle projector, Qwen2 decoder, dynamic tiling) and its
     image-only processor, offline.
 
-    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
@@ -99,10 +99,6 @@ def build_tiny_internvl(
             Patch side of the vision tower; `(image_size // patch_size) ** 2 / 4` visual tokens per tile.
         max_tiles (`int`, *optional*, defaults to `4`):
             Most tiles per image (a thumbnail is added when there are several).
-
-    Returns:
-        `tuple[InternVLForConditionalGeneration, ImageOnlyInternVLProcessor]`: the model (float32, eval mode) and
-        processor.
 
     Example:
 
@@ -122,11 +118,10 @@ def build_tiny_internvl(
             f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 0.5), got image_size={image_size}, "
             f"patch_size={patch_size}"
         )
-    placeholder = INTERNVL_TOKENS["context_image_token"]
     tokenizer = build_word_tokenizer(
         words,
         named_special_tokens=INTERNVL_TOKENS,
-        chat_template=make_chat_template(placeholder),
+        chat_template=make_chat_template(INTERNVL_TOKENS["context_image_token"]),
         padding_side=padding_side,
     )
     image_processor = GotOcr2ImageProcessorPil(
@@ -137,7 +132,7 @@ def build_tiny_internvl(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_length=image_seq_length,
-        chat_template=make_chat_template(placeholder),
+        chat_template=tokenizer.chat_template,
     )
     shape = TinyShape.of(locals())
     config = InternVLConfig(

@@ -30,7 +30,7 @@ from transformers import (
 
 from ._common import TinyShape, check_patch_size, init_tiny_model
 from .registry import register_tiny_family
-from .tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_word_tokenizer
+from .tokenizer import IMAGE_TOKEN, build_word_tokenizer
 
 
 def build_tiny_processor(
@@ -89,7 +89,7 @@ def build_tiny_processor(
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy=vision_feature_select_strategy,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=tokenizer.chat_template,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
     )

@@ -40,7 +40,7 @@ from transformers import (
 
 from ._common import TinyShape, check_patch_size, init_tiny_model, register_processor
 from .registry import register_tiny_family
-from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
+from .tokenizer import IMAGE_TOKEN, build_word_tokenizer
 
 VIDEO_TOKEN = "<video>"
 DEFAULT_PINPOINTS = ((32, 64), (64, 32))
@@ -77,7 +77,8 @@ def build_tiny_llava_next(
     """
     Build a tiny LLaVA-NeXT (CLIP tower, Llama decoder, anyres tiling) and its processor, offline.
 
-    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`].
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
@@ -86,9 +87,6 @@ def build_tiny_llava_next(
             Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
         image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
             Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
-
-    Returns:
-        `tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]`: the model (float32, eval mode) and processor.
 
     Example:
 
@@ -115,7 +113,7 @@ def build_tiny_llava_next(
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
-        chat_template=make_chat_template(IMAGE_TOKEN),
+        chat_template=tokenizer.chat_template,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by the "default" strategy
     )
@@ -139,8 +137,7 @@ def build_tiny_llava_next(
 @register_processor
 class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     """
-    [`~transformers.LlavaOnevisionProcessor`] without its video processor, so it builds and reloads without
-    `torchvision` (see `register_processor`). Images and text are processed exactly as by the parent class.
+    [`~transformers.LlavaOnevisionProcessor`] without its video processor (see `register_processor`).
 
     Example:
 
@@ -200,10 +197,6 @@ def build_tiny_llava_onevision(
 
     The arguments are those of [`build_tiny_llava_next`].
 
-    Returns:
-        `tuple[LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor]`: the model (float32, eval
-        mode) and processor.
-
     Example:
 
     ```python
@@ -229,7 +222,7 @@ def build_tiny_llava_onevision(
         tokenizer=tokenizer,
         num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="full",  # SigLIP has no CLS feature to drop
-        chat_template=make_chat_template(IMAGE_TOKEN),
+        chat_template=tokenizer.chat_template,
     )
     shape = TinyShape.of(locals())
     config = LlavaOnevisionConfig(

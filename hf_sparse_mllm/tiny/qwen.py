@@ -133,19 +133,15 @@ def _build(
     patch_size: int,
     min_pixels: int,
     max_pixels: int,
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    vision_hidden_size: int,
-    vision_layers: int,
     attn_implementation: str,
+    **widths: int,
 ):
-    head_dim = hidden_size // num_attention_heads
+    shape = TinyShape(**widths)
+    head_dim = shape.hidden_size // shape.num_attention_heads
     if head_dim % 8:
         raise ValueError(
             f"hidden_size // num_attention_heads must be a multiple of 8 for the M-RoPE sections, got "
-            f"hidden_size={hidden_size}, num_attention_heads={num_attention_heads}"
+            f"hidden_size={shape.hidden_size}, num_attention_heads={shape.num_attention_heads}"
         )
     tokenizer = build_word_tokenizer(
         words,
@@ -160,12 +156,11 @@ def _build(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
     processor = _PROCESSORS[family](
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=make_chat_template(IMAGE_PLACEHOLDER)
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )
     # M-RoPE splits the head's rotary frequencies (head_dim / 2) into temporal, height and width sections.
     quarter = head_dim // 8
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
-    shape = TinyShape.of(locals())
     config_class, model_class = _MODELS[family]
     config = config_class(
         text_config=dict(shape.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters),
@@ -200,8 +195,9 @@ def build_tiny_qwen2_vl(
     """
     Build a tiny Qwen2-VL (dynamic-resolution vision tower, M-RoPE decoder) and its image-only processor, offline.
 
-    The arguments not listed here are those of every tiny builder, see [`build_tiny_model_and_processor`];
-    `hidden_size // num_attention_heads` must be a multiple of 8 (the M-RoPE sections).
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`]; `hidden_size // num_attention_heads` must be a multiple of 8 (the M-RoPE
+    sections).
 
     Args:
         patch_size (`int`, *optional*, defaults to `8`):
@@ -210,10 +206,6 @@ def build_tiny_qwen2_vl(
             Fewest pixels of a resized image (32 x 32: 4 visual tokens).
         max_pixels (`int`, *optional*, defaults to `9216`):
             Most pixels of a resized image (96 x 96: 36 visual tokens).
-
-    Returns:
-        `tuple[Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor]`: the model (float32, eval mode) and
-        processor.
 
     Example:
 
@@ -258,10 +250,6 @@ def build_tiny_qwen2_5_vl(
     The arguments are those of [`build_tiny_qwen2_vl`]; the tower's windows are 2 x 2 merged tokens
     (`window_size = 4 * patch_size` pixels) and its last block attends globally.
 
-    Returns:
-        `tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor]`: the model (float32, eval mode) and
-        processor.
-
     Example:
 
     ```python
@@ -299,10 +287,6 @@ def build_tiny_qwen3_vl(
 
     The arguments are those of [`build_tiny_qwen2_vl`]; the tower has learned position embeddings on an 8 x 8 grid
     (interpolated to each image) and feeds the features after its block 0 to the first decoder layer (deepstack).
-
-    Returns:
-        `tuple[Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor]`: the model (float32, eval mode) and
-        processor.
 
     Example:
 

@@ -106,7 +106,7 @@ def build_tiny_model_and_processor(
             Keyword arguments of the family's builder: the widths above, or its own, e.g. `patch_size=4`.
 
     Returns:
-        `tuple[PreTrainedModel, ProcessorMixin]`: the model and its processor.
+        `tuple[PreTrainedModel, ProcessorMixin]`: the model (float32, eval mode) and its processor.
 
     Example:
 
