@@ -9,16 +9,16 @@
     python -m benchmarks.bench_accuracy --seeds 0,1 --merge outputs/s{0,1}/accuracy.json  # ...then one summary
 
 Every recipe trains the same tiny model (the `--preset`'s data, model and steps; by default `bench`: the demo's LLaVA
-at 144 visual tokens, 3,000 steps; `bench-qwen2vl`: a tiny Qwen2-VL, an M-RoPE model; one run per seed), then evaluates it twice on the same test set with the evaluation
-package's `sparse_vqa` task: with **all** visual tokens (how the exported model is used) and with the recipe's
-**compressed** tokens (the training-time view; no isolator at inference). Naive pruning (fast mode only: no slow steps,
-no isolator) is good at compressed inference and worse with all tokens; DualSpeed's slow steps and mode isolator close
-that training-inference gap. Reported per recipe: training time and speed-up over the baseline, accuracy (mean and
-standard deviation over seeds) with full and compressed tokens, accuracy retained, and per family accuracy. Writes
-`accuracy.json` and `accuracy.md` to `--output` (default `benchmarks/results`; `accuracy-<preset>.*` for presets other
-than `bench`, `...-quick.*` for `--quick`). `--resume` keeps the finished runs of that file (same configuration, recipe
-and kind of machine), including runs of recipes or seeds left out of this invocation's summary; `--merge` keeps those
-of other results files too.
+at 144 visual tokens, 3,000 steps; `bench-qwen2vl`: a tiny Qwen2-VL, an M-RoPE model; one run per seed), then
+evaluates it twice on the same test set with the evaluation package's `sparse_vqa` task: with **all** visual tokens
+(how the exported model is used) and with the recipe's **compressed** tokens (the training-time view; no isolator at
+inference). Naive pruning (fast mode only: no slow steps, no isolator) is good at compressed inference and worse with
+all tokens; DualSpeed's slow steps and mode isolator close that training-inference gap. Reported per recipe:
+training time and speed-up over the baseline, accuracy (mean and standard deviation over seeds) with full and
+compressed tokens, accuracy retained, and per family accuracy. Writes `accuracy.json` and `accuracy.md` to `--output`
+(default `benchmarks/results`; `accuracy-<preset>.*` for presets other than `bench`, `...-quick.*` for `--quick`).
+`--resume` keeps the finished runs of that file (same configuration, recipe and kind of machine), including runs of
+recipes or seeds left out of this invocation's summary; `--merge` keeps those of other results files too.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def format_markdown(report: dict) -> str:
     lines = [
         "# Accuracy benchmark",
         "",
-        f"{describe_model(config)}, trained from scratch on the generated VQA data: {config['train_samples']} training and {config['test_samples']} test questions, {config['max_steps']} steps "
+        f"{describe_model(config)}, trained from scratch on the generated VQA data: {config['train_samples']} "
+        f"training and {config['test_samples']} test questions, {config['max_steps']} steps "
         f"of batch {config['batch_size']}, AdamW {config['learning_rate']:g}; seeds {report['seeds']} "
         f"(mean ± standard deviation). Full = all visual tokens at inference; compressed = the recipe's compressor "
         f"and keep ratio at inference (baseline: {BASELINE_COMPRESSED_EVAL[0]} {BASELINE_COMPRESSED_EVAL[1]}), no "
@@ -226,8 +227,9 @@ def same_recipe(saved: dict | None, expected: SparseMLLMConfig | None) -> bool:
 
 def _finished_runs(path: Path, config, machine: dict) -> dict[str, list[dict]]:
     """The runs of an earlier results file that `--resume` or `--merge` can keep: same configuration, same recipe
-    ([`same_recipe`]: the resolved `SparseMLLMConfig`, not only its name) and timed on the same kind of machine. Incompatible runs are dropped
-    with a message; a file made with another configuration raises `ValueError` (so it is never overwritten)."""
+    ([`same_recipe`]: the resolved `SparseMLLMConfig`, not only its name) and timed on the same kind of machine.
+    Incompatible runs are dropped with a message; a file made with another configuration raises `ValueError` (so it is
+    never overwritten)."""
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())

@@ -284,7 +284,7 @@ def time_variants(name: str, opts):
     }
 
 
-# ---- the compression's own cost --------------------------------------------------------------------------------
+# ---- timing, and the tower's and the compression's own cost -------------------------------------------------
 
 
 def _now(device: str) -> tuple[float, float]:
@@ -518,10 +518,11 @@ def shape_report(res: dict, p: float) -> dict:
 def format_markdown(report: dict) -> str:
     opts, p = report["options"], report["options"]["slow_mode_prob"]
     lines = [
-        f"Median step time, ~{opts['text_tokens']} text tokens, keep_ratio {opts['keep_ratio']} ({opts['compressor']}, "
-        f"per visual unit, + 4 isolator tokens per image), vision tower frozen (projector trained), 8 x 256 decoder, "
-        f"device {opts['device']}, {opts['threads']} threads. `skipNN`: NN % of the decoder layers skipped (fixed "
-        f"policy). `mix`: expected step of the DualSpeed schedule with {100 * p:.0f} % slow steps.",
+        f"Median step time, ~{opts['text_tokens']} text tokens, keep_ratio {opts['keep_ratio']} "
+        f"({opts['compressor']}, per visual unit, + 4 isolator tokens per image), vision tower frozen (projector "
+        f"trained), 8 x 256 decoder, device {opts['device']}, {opts['threads']} threads. `skipNN`: NN % of the "
+        f"decoder layers skipped (fixed policy). `mix`: expected step of the DualSpeed schedule with {100 * p:.0f} % "
+        "slow steps.",
         "",
         "| shape | batch | step | median s | samples/s | speed-up | FLOP-ideal | % of ideal | median CPU s | speed-up "
         "(CPU time) | % of ideal (CPU time) | activations MB | peak MB |",
@@ -553,7 +554,8 @@ def format_markdown(report: dict) -> str:
         lines.append(
             f"| {shape} | {sr['seq_len']} / {sr['fast_seq_len']} | {sr['visual_tokens_per_image']:g} / "
             f"{sr['visual_tokens_kept_per_image']:g} | {sr['visual_units_per_image']:g} | "
-            f"{sr['tower_flops'] / 1e9:.1f}, {1000 * sr['tower_seconds']:.0f} ({1000 * sr['tower_cpu_seconds']:.0f}) | "
+            f"{sr['tower_flops'] / 1e9:.1f}, {1000 * sr['tower_seconds']:.0f} "
+            f"({1000 * sr['tower_cpu_seconds']:.0f}) | "
             f"{parts[0]} | {parts[1]} | {sr['steps']} |"
         )
     lines += [
@@ -561,8 +563,8 @@ def format_markdown(report: dict) -> str:
         "Kept visual tokens include LLaVA-NeXT's newline rows (never compressed). Compression: the sparse forward's "
         "work outside the model (layout, `compress_batch`, unit-by-unit selection and re-assembly); selection: the "
         "compressor's calls alone. Tower + projector: one `get_image_features` call without autograd (GFLOP: its "
-        "forward, counted with eager attention). CPU time: this process's, less disturbed than the wall clock by other "
-        "processes on a shared machine.",
+        "forward, counted with eager attention). CPU time: this process's, less disturbed than the wall clock by "
+        "other processes on a shared machine.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -19,8 +19,9 @@ class VQABatchCollator:
     renders the same chat template, expands `<image>` to its placeholders, tokenises the batch in one call, masks
     everything but the answer and its `</s>`, and normalises the stacked pixels with the processor's mean and std;
     `tests/test_demo.py` checks that the batches equal the stock collator's. Other batches, and every batch of a
-    processor other than LLaVA's (Qwen2-VL's resizes and patchifies images itself), go to the stock collator. Both runs of a comparison use it, so the comparison is unchanged; it only keeps data preparation from
-    hiding the training speed-up.
+    processor other than LLaVA's (Qwen2-VL's resizes and patchifies images itself), go to the stock collator. Both runs
+    of a comparison use it, so the comparison is unchanged; it only keeps data preparation from hiding the training
+    speed-up.
 
     Args:
         processor (`ProcessorMixin`):

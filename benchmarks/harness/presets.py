@@ -2,8 +2,9 @@
 sparse recipe.
 
 [`DemoConfig`] composes a [`~hf_sparse_mllm.tiny.TinyLlavaPreset`] (the model's shape, for either family: a tiny
-LLaVA or a tiny Qwen2-VL, an M-RoPE model) with the fields the library preset does not have. The named presets in [`DEMO_PRESETS`] are the ones the committed results in `benchmarks/results/` were
-measured with: changing one changes what those files describe.
+LLaVA or a tiny Qwen2-VL, an M-RoPE model) with the fields the library preset does not have. The named presets in
+[`DEMO_PRESETS`] are the ones the committed results in `benchmarks/results/` were measured with: changing one changes
+what those files describe.
 
 ```python
 >>> from benchmarks.harness.presets import DEMO_PRESETS
@@ -168,8 +169,10 @@ class DemoConfig:
 
         ```python
         >>> from benchmarks.harness.presets import DemoConfig
-        >>> DemoConfig(keep_ratio=0.1).kept_visual_tokens, DemoConfig(token_compressor="pool", keep_ratio=0.1).kept_visual_tokens
-        (6, 9)
+        >>> DemoConfig(keep_ratio=0.1).kept_visual_tokens
+        6
+        >>> DemoConfig(token_compressor="pool", keep_ratio=0.1).kept_visual_tokens  # stride 3 on the 8 x 8 grid
+        9
 
         ```
         """
@@ -297,8 +300,11 @@ def describe_model(config: dict[str, Any]) -> str:
 
     ```python
     >>> from benchmarks.harness.presets import DEMO_PRESETS, describe_model
-    >>> describe_model(DEMO_PRESETS["default"].to_dict())
-    'Tiny LLaVA (CLIP-style tower 1 x 32, Llama-style decoder 2 x 128): 128 px images, 16 px patches = 64 visual tokens'
+    >>> model, tokens = describe_model(DEMO_PRESETS["bench-qwen2vl"].to_dict()).split(": ")
+    >>> model
+    'Tiny Qwen2-VL (Qwen2-VL tower 1 x 32, M-RoPE decoder 2 x 128)'
+    >>> tokens
+    '128 px images, 8 px patches merged 2 x 2 = 64 visual tokens'
 
     ```
     """
