@@ -20,11 +20,11 @@ import tempfile
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from difflib import get_close_matches
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from transformers.utils.hub import PushToHubMixin, cached_file
 
+from ._names import did_you_mean
 from ._version import __version__
 from .compressors import list_compressors
 from .skipping import get_skip_policy, list_skip_policies
@@ -135,11 +135,9 @@ def _suggest_fields_for_unknown_arguments(cls):
         own = [f.name for f in fields(cls)]
         unknown = [key for key in kwargs if key not in own]
         if unknown:
-            hints = [
-                f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, own, n=1)) else repr(k)
-                for k in unknown
-            ]
-            raise TypeError(f"{cls.__name__} got unexpected keyword arguments {', '.join(hints)}. Fields: {own}.")
+            raise TypeError(
+                f"{cls.__name__} got unexpected keyword arguments {did_you_mean(unknown, own)}. Fields: {own}."
+            )
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__

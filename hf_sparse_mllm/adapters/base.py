@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import model_parts
+from .._names import refuse_taken
 
 _ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
 
@@ -43,11 +44,14 @@ def register_adapter(*model_types: str) -> Callable[[type[ArchitectureAdapter]],
     """
 
     def wrap(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
+        remedy = (
+            f"adapters are looked up by `config.model_type`, so register {cls.__name__} for the model_type of a model "
+            "class of your own."
+        )
         for model_type in model_types:
-            if model_type in _ADAPTERS:
-                raise ValueError(
-                    f"An adapter for model_type {model_type!r} is already registered ({_ADAPTERS[model_type].__name__})."
-                )
+            refuse_taken(
+                _ADAPTERS, model_type, cls, kind="Adapter model_type", decorator="register_adapter", remedy=remedy
+            )
             _ADAPTERS[model_type] = cls
         return cls
 

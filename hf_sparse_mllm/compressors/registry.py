@@ -31,6 +31,8 @@ import operator
 
 import torch
 
+from .._names import refuse_taken
+
 _COMPRESSORS: dict[str, TokenCompressor] = {}
 
 
@@ -209,12 +211,7 @@ def register_compressor(name: str, *, requires=()):
     def decorator(cls):
         if not (isinstance(cls, type) and issubclass(cls, TokenCompressor)):
             raise TypeError(f"register_compressor({name!r}) decorates TokenCompressor subclasses, got {cls!r}.")
-        if name in _COMPRESSORS:
-            taken_by = type(_COMPRESSORS[name]).__name__
-            raise ValueError(
-                f"Token compressor name {name!r} is already taken by {taken_by}; register {cls.__name__} under "
-                f"another name, e.g. @register_compressor({name + '_custom'!r})."
-            )
+        refuse_taken(_COMPRESSORS, name, cls, kind="Token compressor name", decorator="register_compressor")
         instance = cls()
         instance.name = name
         instance.requires = frozenset(requires)

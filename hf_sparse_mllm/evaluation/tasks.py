@@ -30,6 +30,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .._names import refuse_taken
 from . import metrics
 from .generation import messages_from_context, to_pil
 
@@ -380,8 +381,7 @@ def register_task(name: str):
         raise ValueError(f"A task name must be a non-empty string, got {name!r}.")
 
     def decorator(factory):
-        if name in _TASKS:
-            raise ValueError(f"Task name {name!r} is already registered; register the new task under another name.")
+        refuse_taken(_TASKS, name, factory, kind="Task name", decorator="register_task")
         _TASKS[name] = factory
         return factory
 

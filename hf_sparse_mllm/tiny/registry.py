@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from difflib import get_close_matches
 
 from transformers import PreTrainedModel, ProcessorMixin
+
+from .._names import did_you_mean, refuse_taken
 
 TinyBuilder = Callable[..., tuple[PreTrainedModel, ProcessorMixin]]
 
@@ -33,11 +34,7 @@ def register_tiny_family(family: str) -> Callable[[TinyBuilder], TinyBuilder]:
     """
 
     def decorator(builder: TinyBuilder) -> TinyBuilder:
-        if family in _FAMILIES:
-            raise ValueError(
-                f"Tiny family {family!r} is already registered by {_FAMILIES[family].__name__}; register "
-                f"{builder.__name__} under another name, e.g. @register_tiny_family({family + '_custom'!r})."
-            )
+        refuse_taken(_FAMILIES, family, builder, kind="Tiny family", decorator="register_tiny_family")
         _FAMILIES[family] = builder
         return builder
 
@@ -56,11 +53,9 @@ def _check_overrides(family: str, builder: TinyBuilder, overrides: Iterable[str]
     allowed = sorted(set(parameters) - {"words", "seed", "padding_side"})
     unknown = [name for name in overrides if name not in parameters]
     if unknown:
-        hints = [
-            f"{n!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(n, allowed, n=1)) else repr(n)
-            for n in unknown
-        ]
-        raise TypeError(f"Unknown overrides for tiny family {family!r}: {', '.join(hints)}; allowed: {allowed}.")
+        raise TypeError(
+            f"Unknown overrides for tiny family {family!r}: {did_you_mean(unknown, allowed)}; allowed: {allowed}."
+        )
 
 
 def build_tiny_model_and_processor(
