@@ -57,7 +57,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs
 
 
 def dataset(layout: str = LAYOUT) -> list[dict]:
-    return [make_sample(i, with_image=kind == "I") for i, kind in enumerate(layout)]
+    """Answers of 1 to 3 words, so that the processes train different numbers of tokens on a step: the gradients are
+    then those of one process only if every process divides by the token count of the whole step."""
+    samples = []
+    for i, kind in enumerate(layout):
+        sample = make_sample(i, with_image=kind == "I")
+        answer = sample["messages"][1]["content"][0]
+        answer["text"] = " ".join([answer["text"]] * (1 + i % 3))
+        samples.append(sample)
+    return samples
 
 
 class Recorder:
