@@ -165,46 +165,43 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def _pick(candidates: Sequence, rng: np.random.Generator):
+    """One of `candidates` drawn by `rng`, or `None` (drawing nothing) when there are none."""
+    return candidates[rng.integers(len(candidates))] if candidates else None
+
+
 def _make_question(family: str, scene: Scene, rng: np.random.Generator, count_target: int) -> tuple[str, str] | None:
     """One `(question, answer)` of `family` about `scene`, or `None` when the scene cannot host that family."""
     objects = scene.objects
     shape_counts = Counter(o[0] for o in objects)
     color_counts = Counter(o[1] for o in objects)
     if family == "color":
-        candidates = [o for o in objects if shape_counts[o[0]] == 1]
-        if not candidates:
-            return None
-        shape, color, _, _ = candidates[rng.integers(len(candidates))]
-        return f"what color is the {shape} ?", color
+        # Objects are (shape, color, row, col): ask the color of an object that alone has its shape, and the shape
+        # of one that alone has its color.
+        picked = _pick([o for o in objects if shape_counts[o[0]] == 1], rng)
+        return None if picked is None else (f"what color is the {picked[0]} ?", picked[1])
     if family == "shape":
-        candidates = [o for o in objects if color_counts[o[1]] == 1]
-        if not candidates:
-            return None
-        shape, color, _, _ = candidates[rng.integers(len(candidates))]
-        return f"what shape is the {color} object ?", shape
+        picked = _pick([o for o in objects if color_counts[o[1]] == 1], rng)
+        return None if picked is None else (f"what shape is the {picked[1]} object ?", picked[0])
     if family == "exist":
         present = {(o[1], o[0]) for o in objects}
         if rng.random() < 0.5:
-            color, shape = sorted(present)[rng.integers(len(present))]
+            color, shape = _pick(sorted(present), rng)
             answer = YES
         else:
-            absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-            color, shape = absent[rng.integers(len(absent))]
+            color, shape = _pick([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present], rng)
             answer = NO
         return f"is there {_article(color)} {color} {shape} ?", answer
     if family == "count":
-        candidates = [c for c in COLORS if color_counts[c] == count_target]
-        if not candidates:
-            return None
-        color = candidates[rng.integers(len(candidates))]
-        return f"how many {color} objects are there ?", str(count_target)
+        color = _pick([c for c in COLORS if color_counts[c] == count_target], rng)
+        return None if color is None else (f"how many {color} objects are there ?", str(count_target))
     if family == "relation":
         combo_counts = Counter((o[0], o[1]) for o in objects)
         unique = [o for o in objects if combo_counts[(o[0], o[1])] == 1]
-        pairs = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1 :] if a[3] != b[3]]
-        if not pairs:
+        pair = _pick([(a, b) for i, a in enumerate(unique) for b in unique[i + 1 :] if a[3] != b[3]], rng)
+        if pair is None:
             return None
-        a, b = pairs[rng.integers(len(pairs))]
+        a, b = pair
         # The pair is unordered; ordering it to match a fair coin balances yes/no exactly for every question text.
         want_yes = rng.random() < 0.5
         if (a[3] < b[3]) != want_yes:

@@ -438,21 +438,29 @@ def _answers_are(values, allowed: tuple[str, ...], column: str = "answer", norma
             raise ValueError(f"column {column!r} must hold one of {list(allowed)}, got {value!r} in row {index}.")
 
 
+def _short_answer_task(**fields) -> Task:
+    """A question about an image answered in a word or phrase and scored by the mean of one `exact_match` per
+    sample: the layout GQA's and VQAv2's lmms-eval YAMLs share, which differ in their columns and their score."""
+    return Task(
+        doc_to_visual=_image_visual,
+        doc_to_text=_question_with_prompts,
+        aggregation={"exact_match": mean},
+        prompt_kwargs={"pre_prompt": "", "post_prompt": SHORT_ANSWER_POST_PROMPT},
+        max_new_tokens=16,
+        **fields,
+    )
+
+
 @register_task("gqa")
 def _gqa(**overrides) -> Task:
     # lmms_eval/tasks/gqa/gqa.yaml: the registered exact_match metric with ignore_case and ignore_punctuation.
-    return Task(
+    return _short_answer_task(
         name="gqa",
         split="testdev",
         required_columns=("image", "question", "answer"),
         layout="GQA layout: image, question, answer (lmms-lab GQA testdev_balanced_instructions joined with its images)",
-        doc_to_visual=_image_visual,
-        doc_to_text=_question_with_prompts,
         doc_to_target=lambda doc: doc["answer"],
         process_results=lambda doc, pred: {"exact_match": metrics.exact_match(pred, doc["answer"])},
-        aggregation={"exact_match": mean},
-        prompt_kwargs={"pre_prompt": "", "post_prompt": SHORT_ANSWER_POST_PROMPT},
-        max_new_tokens=16,
         **overrides,
     )
 
@@ -470,18 +478,13 @@ def _validate_vqav2(docs) -> None:
 @register_task("vqav2_val")
 def _vqav2_val(**overrides) -> Task:
     # lmms_eval/tasks/vqav2/vqav2_val.yaml + utils.vqav2_process_results_val.
-    return Task(
+    return _short_answer_task(
         name="vqav2_val",
         split="validation",
         required_columns=("image", "question", "answers"),
         layout="VQAv2 layout: image, question, answers (a list of {'answer': ...} dicts or strings), question_id",
-        doc_to_visual=_image_visual,
-        doc_to_text=_question_with_prompts,
         doc_to_target=lambda doc: doc.get("answer", _vqav2_answers(doc)),
         process_results=lambda doc, pred: {"exact_match": metrics.vqa_accuracy(pred, _vqav2_answers(doc))},
-        aggregation={"exact_match": mean},
-        prompt_kwargs={"pre_prompt": "", "post_prompt": SHORT_ANSWER_POST_PROMPT},
-        max_new_tokens=16,
         validate_docs=_validate_vqav2,
         **overrides,
     )
