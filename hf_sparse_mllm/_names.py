@@ -25,6 +25,7 @@ def refuse_taken(
     Traceback (most recent call last):
     ...
     ValueError: Docs name 'docs' is already taken by ours; register yours under another name, e.g. @register_docs('docs_custom').
+
     ```
     """
     if name in registry:
@@ -47,6 +48,7 @@ def did_you_mean(unknown: Iterable[str], known: Collection[str]) -> str:
     >>> from hf_sparse_mllm._names import did_you_mean
     >>> did_you_mean(["keep_ration", "colour"], ["keep_ratio", "num_keep"])
     "'keep_ration' (did you mean 'keep_ratio'?), 'colour'"
+
     ```
     """
     return ", ".join(

@@ -4,7 +4,6 @@ keyword is answered with the closest one (`hf_sparse_mllm._names`, shared by the
 from __future__ import annotations
 
 import doctest
-import re
 
 import pytest
 
@@ -15,14 +14,7 @@ from hf_sparse_mllm.tiny import list_tiny_families, register_tiny_family
 
 
 def test_docstring_examples():
-    class FencedParser(doctest.DocTestParser):
-        def parse(self, string, name="<string>"):
-            return super().parse(re.sub(r"(?m)^[ \t]*```.*$", "", string), name)
-
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in doctest.DocTestFinder(parser=FencedParser()).find(_names):
-        runner.run(test)
-    results = runner.summarize(verbose=False)
+    results = doctest.testmod(_names, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert results.attempted > 0 and results.failed == 0
 
 

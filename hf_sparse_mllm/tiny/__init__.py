@@ -2,7 +2,9 @@
 
 Nothing here downloads anything: tokenizers are built with the `tokenizers` library from a word list, image
 processors are the families' PIL backends (no `torchvision`), and models are built from configs. Used by the tests,
-the demo and the benchmarks. Every family is registered under its `model_type`:
+the demo and the benchmarks. Every family is registered under its `model_type`, and its builder takes `words`,
+`seed`, `padding_side` and the same widths and depths (described once, in [`build_tiny_model_and_processor`]) plus
+its family's image geometry:
 
 ```python
 >>> from hf_sparse_mllm.tiny import build_tiny_model_and_processor, list_tiny_families
