@@ -13,8 +13,11 @@ Shapes (bf16, SDPA attention, vision tower frozen, projector + decoder + isolato
   merged tokens) and a 3584-wide Qwen2 decoder.
 
 Each shape has `layers` decoder layers of the model's `full_layers` (32 or 28), chosen so that the whole run fits in
-under 6 minutes on one H200 (about 790 bf16 TFLOP/s): at batch 8 x ~640 tokens a 7B-wide layer costs about 6 TFLOP
-per step, ~15 ms, so 8 layers make a ~0.15 s stock step. Every variant is also timed with the middle half of its
+under 6 minutes on one H200 (about 790 bf16 TFLOP/s, say 450 reached): at batch 8 x 640 tokens a 7B-wide layer costs
+about 6.4 TFLOP per step (forward + backward), ~15 ms, so 8 layers make a ~0.15 s stock LLaVA-1.5 step; LLaVA-NeXT
+(4 x 2,992 tokens, ~16 TFLOP a layer) ~0.35 s; Qwen2.5-VL ~0.27 s, a quarter of it the 670M-parameter tower on 4 x
+5,184 patches. Seven rounds of six variants, the builds and the batch searches (each capped by its share of
+`--budget-seconds`) add up to an estimated 2-3 minutes. Every variant is also timed with the middle half of its
 layers bypassed (the package's `fixed` layer skipping, which runs nothing for a skipped layer): the difference is the
 cost of those layers, so the full-depth step is extrapolated as `t(layers) + (full_layers - layers) * per_layer`,
 and its peak memory likewise, adding each layer's weights and AdamW state. The largest batch is searched by

@@ -35,7 +35,7 @@ needs_deepspeed = pytest.mark.skipif(
     not HAS_DEEPSPEED, reason="deepspeed is not installed (`pip install deepspeed`; CI's fresh venv does not have it)"
 )
 
-# Bugs these tests found in the package (see the report of issue 17); each xfail is strict, so fixing it shows.
+# Bugs these tests found (docs/scaling_out.md, "Known issues"); each xfail is strict, so a fix shows.
 ZERO_PASS_AFTER_FORWARD = (
     "SparseTrainingMixin._sparse_loss adds zero_visual_contribution() to the loss after the model's forward: under DDP "
     "the isolator and projector are used outside the wrapped forward ('Expected to mark a variable ready only once', "
@@ -88,7 +88,7 @@ def _calls_per_micro_batch(trainer, batches, step):
     return calls
 
 
-@pytest.mark.xfail(strict=True, reason=ZERO_PASS_AFTER_FORWARD)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ZERO_PASS_AFTER_FORWARD)
 @pytest.mark.parametrize("step,mode", [(0, "fast"), (1, "slow")])
 def test_a_text_only_micro_batch_runs_the_same_modules_in_the_same_order(tmp_path, step, mode):
     model, processor = tiny_llava(num_hidden_layers=4)
