@@ -164,10 +164,12 @@ def shard_like_accelerate(model: torch.nn.Module, world_size: int, mixed_precisi
     fully_shard(model, **kwargs)
 
 
-def train_fully_shard(out_dir: Path, world_size: int, rank: int, bf16: bool = False) -> RecordingTrainer:
+def train_fully_shard(
+    out_dir: Path, world_size: int, rank: int, bf16: bool = False, sparse_overrides=None
+) -> RecordingTrainer:
     """Drive `trainer.training_step` over a sharded model by hand (accelerate does not run FSDP on CPU), with the
     global token count `Trainer` would pass, and step a plain AdamW."""
-    trainer = make_trainer(out_dir, world_size)
+    trainer = make_trainer(out_dir, world_size, sparse_overrides)
     model = trainer.model
     if bf16:
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -264,6 +266,9 @@ def main(scenario: str, out_dir: str) -> None:
         trainer.train()
     elif scenario in ("fully-shard", "fully-shard-reference", "fully-shard-bf16"):
         trainer = train_fully_shard(out, world_size, rank, bf16=scenario == "fully-shard-bf16")
+    elif scenario == "fully-shard-skipping-only":
+        # No token compression: the trainer takes the stock forward (layer skipping still on).
+        trainer = train_fully_shard(out, world_size, rank, sparse_overrides={"token_compressor": None})
     elif scenario.startswith("deepspeed-zero"):
         stage = int(scenario[len("deepspeed-zero")])
         trainer = train_deepspeed(out, world_size, stage, checkpointing=scenario.endswith("-checkpointing"))
@@ -274,8 +279,8 @@ def main(scenario: str, out_dir: str) -> None:
     else:
         raise ValueError(
             "scenario must be one of ddp, ddp-reference, ddp-images, ddp-images-reference, fully-shard, "
-            "fully-shard-reference, fully-shard-bf16, deepspeed-zero2, deepspeed-zero2-checkpointing, deepspeed-zero3, "
-            f"plan-mismatch; got {scenario!r}"
+            "fully-shard-reference, fully-shard-bf16, fully-shard-skipping-only, deepspeed-zero2, "
+            f"deepspeed-zero2-checkpointing, deepspeed-zero3, plan-mismatch; got {scenario!r}"
         )
     write(out, name, trainer, world_size)
     if distributed and torch.distributed.is_initialized():
