@@ -169,6 +169,7 @@ def test_every_recipe_is_a_valid_sparse_config(bench):
         ("accuracy-bench-deep.json", "bench-deep"),
         ("bench-deep-3seeds/accuracy-bench-deep.json", "bench-deep"),
         ("accuracy-bench-deep8.json", "bench-deep8"),
+        ("accuracy-bench-qwen2vl.json", "bench-qwen2vl"),
     ],
 )
 def test_committed_results_match_their_presets(bench, results, preset):
@@ -183,6 +184,7 @@ COMMITTED = [
     ("accuracy-bench-deep.json", "bench-deep"),
     ("bench-deep-3seeds/accuracy-bench-deep.json", "bench-deep"),
     ("accuracy-bench-deep8.json", "bench-deep8"),
+    ("accuracy-bench-qwen2vl.json", "bench-qwen2vl"),
 ]
 
 
