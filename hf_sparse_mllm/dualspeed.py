@@ -54,19 +54,23 @@ class ModeIsolator(nn.Module):
         rng = step_random(seed, STREAM_ISOLATOR_INIT, 0)
         init = torch.from_numpy(rng.standard_normal((num_tokens, hidden_size)).astype(np.float32)) * std
         self.tokens = nn.Parameter(init.to(dtype) if dtype is not None else init)
+        # A plain int: under ZeRO-3 `tokens` is an empty partition until the module's forward gathers it.
+        self.num_tokens = num_tokens
         self._register_state_dict_hook(_drop_own_state)
         self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.shape[0]
+    def forward(self, features: torch.Tensor, run_lengths: list[int]) -> torch.Tensor:
+        """Prepend the isolator tokens to every run of kept visual tokens.
 
-    def forward(self, runs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Prepend the isolator tokens to every run of kept visual tokens: each `(k_i, dim)` becomes `(n + k_i, dim)`.
-
-        A module call (not a bare use of `tokens`), so that FSDP and ZeRO-3 gather the parameter first.
+        `features` `(sum(run_lengths), dim)` holds the runs one after another; the result `(sum(run_lengths) +
+        len(run_lengths) * num_tokens, dim)` has the isolator tokens before each run. One call and one output tensor
+        per forward, so that FSDP and ZeRO-3 gather (and, in backward, reduce) the parameter once.
         """
-        return [torch.cat([self.tokens.to(run.dtype), run]) for run in runs]
+        tokens = self.tokens.to(features.dtype)
+        pieces = []
+        for run in torch.split(features, run_lengths):
+            pieces += [tokens, run]
+        return torch.cat(pieces) if pieces else features
 
 
 def _drop_own_state(module, state_dict, prefix, local_metadata):

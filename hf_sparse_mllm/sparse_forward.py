@@ -226,30 +226,28 @@ def sparse_hooks(
     batch: CompressedBatch | None = None,
     compression: Compression | None = None,
     logit_positions: torch.Tensor | None = None,
+    text_only: bool = False,
 ) -> Iterator[None]:
     """Hooks for one forward through the (possibly DDP/FSDP/DeepSpeed-wrapped) model.
 
     With `batch` and `compression`, the projected features are compressed to `batch`'s budgets and, for M-RoPE
     models, the language model gets the kept tokens' full-sequence positions. With `logit_positions` (a boolean
     `(batch, seq)` mask of the forward's input), the LM head only sees those positions (flattened to `(1, P, hidden)`),
-    which saves the vocabulary projection of every other one.
+    which saves the vocabulary projection of every other one. With `text_only` (a micro-batch without images), the
+    vision modules still run, on a blank image, where they would run for images (see [`_blank_image_pass`]).
     """
     handles, restore = [], []
-    if batch is not None and batch.layout.runs:
+    if text_only:
+        isolator = compression.isolator if compression is not None else None
+        handles.append(adapter.input_embeddings().register_forward_hook(_blank_image_pass(adapter, isolator)))
+    elif batch is not None and batch.layout.runs:
         context: dict = {}
         handles += adapter.context_hooks(compression.compressor.requires, context)
-        module = adapter.feature_module()
-        original = module.get_image_features
-
-        # `wraps` keeps the signature, which `generate` reads to encode the images before the prompt's forward.
-        @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
-            output = original(*args, **kwargs)
-            _compress_output(output, adapter, batch, compression, context)
-            return output
-
-        module.get_image_features = get_image_features
-        restore.append(module)
+        restore.append(
+            _replace_image_features(
+                adapter, lambda output: _compress_output(output, adapter, batch, compression, context)
+            )
+        )
         if batch.full_position_ids is not None:
             pending = [True]  # the prompt's forward only: generation's later steps bring their own positions
 
@@ -276,6 +274,23 @@ def sparse_hooks(
             del module.get_image_features
 
 
+def _replace_image_features(adapter: ArchitectureAdapter, change) -> nn.Module:
+    """Make the feature module's `get_image_features` apply `change` to its output, in place; return the module
+    (`del module.get_image_features` restores it)."""
+    module = adapter.feature_module()
+    original = module.get_image_features
+
+    # `wraps` keeps the signature, which `generate` reads to encode the images before the prompt's forward.
+    @functools.wraps(original)
+    def get_image_features(*args, **kwargs):
+        output = original(*args, **kwargs)
+        change(output)
+        return output
+
+    module.get_image_features = get_image_features
+    return module
+
+
 def _compress_output(output, adapter, batch: CompressedBatch, compression: Compression, context: dict) -> None:
     """Replace `output.pooler_output` (and the adapter's `selected_outputs`) by the kept tokens, in place."""
     flat, entry_sizes, kind = _flatten(output.pooler_output)
@@ -293,10 +308,11 @@ def _compress_output(output, adapter, batch: CompressedBatch, compression: Compr
     sources = [
         torch.cat([torch.full((iso,), start), start + offsets]) for start, offsets in zip(starts, batch.selection)
     ]
+    tokens = torch.cat(tokens)
     if compression.isolator is not None:
-        tokens = compression.isolator(tokens)
+        tokens = compression.isolator(tokens, [len(offsets) for offsets in batch.selection])
     sources = torch.cat(sources)
-    output.pooler_output = _rebuild(torch.cat(tokens), sources, entry_sizes, kind)
+    output.pooler_output = _rebuild(tokens, sources, entry_sizes, kind)
     for name in adapter.selected_outputs:
         levels = getattr(output, name, None)
         if levels is not None:
@@ -373,18 +389,28 @@ def _follow(level, sources, batch, compression, layout, starts):
 # ---- a micro-batch without images ------------------------------------------------------------------------------
 
 
-def zero_visual_contribution(adapter: ArchitectureAdapter, isolator: nn.Module | None) -> torch.Tensor:
-    """A zero that depends on the vision tower, the projector and the isolator: added to the loss of a micro-batch
-    without images, it makes this process run (and all-gather, under FSDP or ZeRO-3) the same modules as processes
-    whose micro-batch has images, and changes no gradient."""
-    module = adapter.feature_module()
-    parameter = next(module.parameters())
-    dummy = {
-        k: v.to(parameter.device, parameter.dtype) if torch.is_floating_point(v) else v.to(parameter.device)
-        for k, v in adapter.dummy_visual_inputs().items()
-    }
-    flat, _, _ = _flatten(module.get_image_features(**dummy, return_dict=True).pooler_output)
-    parts = [flat[:1]]
-    if isolator is not None:
-        parts = isolator(parts)
-    return sum(part.sum() for part in parts) * 0.0
+def _blank_image_pass(adapter: ArchitectureAdapter, isolator: nn.Module | None):
+    """A forward hook for the token embeddings that runs the vision tower, the projector and (in fast mode) the
+    isolator on one blank image and adds their output, times zero, to the embeddings.
+
+    Sharded engines (FSDP, ZeRO-3) need every process to run the same modules in the same order: where a process's
+    micro-batch has images, they run inside the model's forward right after the token embeddings and before the
+    language model, once per forward; this runs them at the same place, inside the (wrapped) model's forward, and
+    their backward gets zero gradients. Nothing the model computes changes.
+    """
+
+    def hook(module, args, embeds):
+        parameter = next(adapter.feature_module().parameters())
+        dummy = {
+            key: value.to(embeds.device, parameter.dtype)
+            if torch.is_floating_point(value)
+            else value.to(embeds.device)
+            for key, value in adapter.dummy_visual_inputs().items()
+        }
+        output = adapter.feature_module().get_image_features(**dummy, return_dict=True)
+        features = _flatten(output.pooler_output)[0][:1]
+        if isolator is not None:
+            features = isolator(features, [1])
+        return embeds + (features.sum() * 0).to(embeds.dtype)
+
+    return hook

@@ -42,7 +42,7 @@ from .dualspeed import (
     token_ce_sum,
 )
 from .skipping import LayerSkipper
-from .sparse_forward import Compression, compress_batch, sparse_hooks, zero_visual_contribution
+from .sparse_forward import Compression, compress_batch, sparse_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -421,9 +421,12 @@ class SparseTrainingMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # evaluation, prediction
         inputs = self._mask_image_labels(inputs)
         if self.compressor is None:
-            if self.adapter is not None and "input_ids" in inputs:
-                self.adapter.layout(inputs)  # a clear error when the placeholders do not match the images
-            loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+            # With an adapter: a clear error when the placeholders do not match the images, and, for a micro-batch
+            # without images, the vision modules run on a blank image as on every other process (sharded engines).
+            text_only = self.adapter is not None and "input_ids" in inputs and not self.adapter.layout(inputs).runs
+            hooks = sparse_hooks(self.adapter, text_only=True) if text_only else contextlib.nullcontext()
+            with hooks:
+                loss = super().compute_loss(model, inputs, False, num_items_in_batch)
             if not self._stock_loss_is_scaled(num_items_in_batch):
                 loss = loss / self._accumulation_steps()
             self._sparse_metrics.record("slow_step", 0.0)
@@ -480,9 +483,6 @@ class SparseTrainingMixin:
             record("visual_tokens_per_image", tokens_per_image)
             if self._health is not None:
                 self._health.tokens_per_image.append(tokens_per_image)
-        else:
-            # Every process runs the vision tower and the isolator on every step, whatever its micro-batch holds.
-            total = total + zero_visual_contribution(self.adapter, self.isolator)
         record("slow_step", float(plan.mode == SLOW))
         record("seq_len", seq_len)
         self._record_answer_metrics(logits.detach(), targets, inputs)
@@ -504,7 +504,8 @@ class SparseTrainingMixin:
         model_inputs = batch.inputs if batch is not None else inputs
         targets = next_token_targets(model_inputs["labels"])
         positions = targets != -100
-        with sparse_hooks(self.adapter, batch, compression, logit_positions=positions):
+        # Without images, the vision modules still run (on a blank image), as on every other process.
+        with sparse_hooks(self.adapter, batch, compression, logit_positions=positions, text_only=not layout.runs):
             outputs = model(**{k: v for k, v in model_inputs.items() if k != "labels"}, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         images = max(layout.num_images, 1)
@@ -570,8 +571,9 @@ class SparseTrainingMixin:
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every process has written its part of the stock checkpoint
+        isolator = self._gathered_isolator() if self.isolator is not None else None  # a collective when sharded
         if self.args.should_save:
-            self._save_sparse_state(folder)
+            self._save_sparse_state(folder, isolator)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     @property
@@ -614,12 +616,24 @@ class SparseTrainingMixin:
             hub.copy_sparse_files(checkpoint_folder, self.args.output_dir)
         super()._push_from_checkpoint(checkpoint_folder)
 
-    def _save_sparse_state(self, folder: str) -> None:
-        """Training state that is not model weights (the isolator, the layer-skip state, the recipe), written last
-        and atomically: its state file marks the checkpoint complete."""
+    def _gathered_isolator(self) -> torch.Tensor:
+        """The whole isolator on CPU; every process calls this (FSDP2 and ZeRO-3 hold a shard of it each)."""
+        tokens = self.isolator.tokens
+        if hasattr(tokens, "full_tensor"):  # an FSDP2 DTensor
+            return tokens.full_tensor().detach().cpu().contiguous()
+        if hasattr(tokens, "ds_id"):  # a DeepSpeed ZeRO-3 partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tokens]):
+                return tokens.detach().cpu().clone()
+        return tokens.detach().cpu().contiguous()
+
+    def _save_sparse_state(self, folder: str, isolator: torch.Tensor | None = None) -> None:
+        """Training state that is not model weights (the isolator, gathered by `_gathered_isolator`, the layer-skip
+        state, the recipe), written last and atomically: its state file marks the checkpoint complete."""
         os.makedirs(folder, exist_ok=True)
-        if self.isolator is not None:
-            tokens = {"tokens": self.isolator.tokens.detach().cpu().contiguous()}
+        if isolator is not None:
+            tokens = {"tokens": isolator}
             path = os.path.join(folder, checkpoints.ISOLATOR_FILE)
             checkpoints.atomic_write(path, lambda temporary: save_file(tokens, temporary))
         state = {

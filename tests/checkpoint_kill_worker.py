@@ -17,10 +17,10 @@ from hf_sparse_mllm.data.collator import VisionLanguageCollator
 class KillWhileSaving(SparseMLLMTrainer):
     kill_at = None
 
-    def _save_sparse_state(self, folder):
+    def _save_sparse_state(self, folder, isolator=None):
         if self.state.global_step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        super()._save_sparse_state(folder)
+        super()._save_sparse_state(folder, isolator)
 
 
 def main(root: str, *flags: str) -> None:

@@ -245,6 +245,8 @@ def write(out_dir: Path, name: str, trainer: RecordingTrainer, world_size: int, 
         "plans": recorder.plans,
         "kl_dtypes": recorder.kl_dtypes,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+        # What a checkpoint saves of the isolator: gathered on every process (a collective when sharded).
+        "isolator": trainer._gathered_isolator().tolist() if trainer.isolator is not None else None,
     }
     Path(out_dir, f"{name}.json").write_text(json.dumps(record))
     save_file(

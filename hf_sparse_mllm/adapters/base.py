@@ -198,6 +198,10 @@ class ArchitectureAdapter:
     def language_model(self) -> nn.Module:
         return self.decoder()
 
+    def input_embeddings(self) -> nn.Module:
+        """The token embeddings, which the model's forward runs first, before the vision modules."""
+        return self.model.get_input_embeddings()
+
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
