@@ -11,16 +11,17 @@ patches merged 2 x 2 = 1,024 visual tokens, M-RoPE). Every shape has the same 8 
 scale, the language model dominates the step, and a small frozen vision tower (the projector trains).
 
 Timings: every variant steps the same model on the same fixed batch, round-robin (stock, fast, slow, ... then again),
-so machine load hits all variants alike; medians are reported. A step is `training_step` (forward + backward) plus the
-optimizer step. Memory: megabytes of activations saved for backward in one step (all devices) and, on CUDA, the step's
-peak allocation. The DualSpeed mix is the expected step of the schedule (the schedule does not depend on the data):
-`(1 - p) * fast + p * slow`. The FLOP-ideal speed-up counts matmul FLOPs of the same sequence lengths: the tower's
-forward (counted by `torch.utils.flop_counter` with eager attention, once per step and twice on slow steps, whose
-teacher runs it again), the projector's forward and backward, and the language model's forward and backward over the
-sequence the step runs (on fast steps the kept tokens plus the isolator: the length `compress_batch` gives), its LM
-head at the positions computed. The compression's own cost is the sparse forward's work outside the model, timed on
-the batch as the forward runs it: the layout, shortening the sequence (`compress_batch`) and the unit-by-unit
-selection with the re-assembly of the features; "selection" is the compressor's calls alone.
+so machine load hits all variants alike; medians of the wall clock and of this process's CPU time are reported. A step
+is `training_step` (forward + backward) plus the optimizer step. Memory: megabytes of activations saved for backward in
+one step (all devices) and, on CUDA, the step's peak allocation. The DualSpeed mix is the expected step of the schedule
+(the schedule does not depend on the data): `(1 - p) * fast + p * slow`. The FLOP-ideal speed-up counts matmul FLOPs of
+the same sequence lengths: the tower's forward (counted by `torch.utils.flop_counter` with eager attention, once per
+step and twice on slow steps, whose teacher runs it again), the projector's forward and backward, and the language
+model's forward and backward over the sequence the step runs (on fast steps the kept tokens plus the isolator: the
+length `compress_batch` gives; attention over the causal half of the scores), its LM head at the positions computed.
+The compression's own cost is the sparse forward's work outside the model, timed on the batch as the forward runs it:
+the layout, shortening the sequence (`compress_batch`) and the unit-by-unit selection with the re-assembly of the
+features; "selection" is the compressor's calls alone.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ SHAPES = {
     "vit196": Shape(
         "llava", dict(preset="vit196", vision_feature_layer=-2, **_WIDTHS), (224, 224), **_LLAVA, batch_size=4
     ),
-    # The stock step takes about 7.6 s here: few rounds.
+    # The stock step takes about 8 s on this CPU: few rounds.
     "llavanext": Shape(
         "llava_next",
         dict(image_size=336, patch_size=14, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **_WIDTHS),
