@@ -9,9 +9,6 @@ import torch.nn.functional as F
 
 from .registry import (
     TokenCompressor,
-    check_keep_ratio,
-    check_num_keep,
-    check_num_tokens,
     register_compressor,
     resolve_grid_size,
 )
@@ -80,22 +77,13 @@ class PoolCompressor(TokenCompressor):
 
     selects = False
 
-    def budget(
-        self,
-        num_tokens: int,
-        keep_ratio: float = 1.0,
-        num_keep: int | None = None,
-        grid_size: tuple[int, int] | None = None,
-    ) -> int:
-        num_tokens = check_num_tokens(num_tokens)
+    def budget_from_ratio(self, num_tokens: int, keep_ratio: float, grid_size: tuple[int, int] | None) -> int:
         rows, cols = resolve_grid_size(num_tokens, grid_size)
-        if num_keep is not None:
-            num_keep = check_num_keep(num_keep, num_tokens)
-            self._window(rows, cols, num_keep, argument="num_keep")
-            return num_keep
-        check_keep_ratio(keep_ratio)
         stride = pool_stride(keep_ratio)
         return math.ceil(rows / stride) * math.ceil(cols / stride)
+
+    def check_num_keep(self, num_keep: int, num_tokens: int, grid_size: tuple[int, int] | None) -> None:
+        self._window(*resolve_grid_size(num_tokens, grid_size), num_keep, argument="num_keep")
 
     def describe_budget(self, keep_ratio: float = 1.0, num_keep: int | None = None) -> str:
         """The stride-based budget in words (see [`~PoolCompressor.budget`]).
