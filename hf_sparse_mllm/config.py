@@ -144,6 +144,10 @@ def _suggest_fields_for_unknown_arguments(cls):
     return cls
 
 
+# `from_pretrained`'s keyword arguments for `cached_file`; the others are recipe fields.
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "token", "revision", "local_files_only", "subfolder")
+
+
 @_suggest_fields_for_unknown_arguments
 @dataclass(kw_only=True)
 class SparseMLLMConfig(PushToHubMixin):
@@ -361,26 +365,19 @@ class SparseMLLMConfig(PushToHubMixin):
             self.push_to_hub(repo_id, **kwargs)
         return [path]
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        **kwargs,
-    ):
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, **kwargs):
         """Upload `sparse_mllm_config.json`, and nothing else, to `repo_id` (created if missing).
 
         Unlike `PushToHubMixin.push_to_hub` this writes no `README.md`, so it can add the recipe to a model repo.
-        Uses the Hub client and commit path of `transformers` (`hf_api()`, `_upload_modified_files`).
+        Uses the Hub client and commit path of `transformers` (`hf_api()`, `_upload_modified_files`). Of that
+        method's keyword arguments, `private`, `token`, `revision`, `create_pr` and `commit_description` apply; the
+        ones for weights (`max_shard_size`, `tags`) do not.
         """
         from transformers.utils.hub import hf_api
 
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        token = kwargs.get("token")
+        repo_id = hf_api().create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+        upload = {name: kwargs[name] for name in ("revision", "create_pr", "commit_description") if name in kwargs}
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             return self._upload_modified_files(
@@ -389,42 +386,23 @@ class SparseMLLMConfig(PushToHubMixin):
                 files_timestamps={},
                 commit_message=commit_message or "Upload sparse training recipe",
                 token=token,
-                create_pr=create_pr,
-                revision=revision,
-                commit_description=commit_description,
+                **upload,
             )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        cache_dir: str | os.PathLike | None = None,
-        force_download: bool = False,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
-        subfolder: str = "",
-        **overrides,
-    ) -> SparseMLLMConfig:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SparseMLLMConfig:
         """Read the recipe from a local folder or a Hub repo id (downloading `sparse_mllm_config.json` only).
 
         A folder or repo without that file but whose `config.json` carries the recipe under `sparse_mllm` (written
-        by [`SparseMLLMTrainer`] on every save) is read from there. `overrides` replace loaded values (field names
-        only); the other arguments are those of `transformers.utils.hub.cached_file`.
+        by [`SparseMLLMTrainer`] on every save) is read from there. As in `PreTrainedConfig.from_pretrained`, the
+        keyword arguments `cache_dir`, `force_download`, `token`, `revision`, `local_files_only` and `subfolder` go
+        to `transformers.utils.hub.cached_file`; the others replace loaded values (field names only).
         """
-        hub_kwargs = dict(
-            cache_dir=cache_dir,
-            force_download=force_download,
-            token=token,
-            revision=revision,
-            local_files_only=local_files_only,
-            subfolder=subfolder,
-            _raise_exceptions_for_missing_entries=False,
-        )
+        hub_kwargs = {name: kwargs.pop(name) for name in _HUB_ARGUMENTS if name in kwargs}
+        hub_kwargs["_raise_exceptions_for_missing_entries"] = False
         path = cached_file(pretrained_model_name_or_path, SPARSE_CONFIG_NAME, **hub_kwargs)
         if path is not None:
-            return cls.from_json_file(path, **overrides)
+            return cls.from_json_file(path, **kwargs)
         base_path = cached_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
         recipe = _read_json(base_path).get("sparse_mllm") if base_path is not None else None
         if not isinstance(recipe, dict):
@@ -435,7 +413,7 @@ class SparseMLLMConfig(PushToHubMixin):
         logger.info(
             "No %s in %s: reading the recipe from config.json.", SPARSE_CONFIG_NAME, pretrained_model_name_or_path
         )
-        return cls.from_dict(recipe, **overrides)
+        return cls.from_dict(recipe, **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: Mapping[str, Any], **overrides) -> SparseMLLMConfig:

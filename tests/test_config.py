@@ -174,6 +174,15 @@ def test_saved_file_round_trips_and_loading_takes_overrides(tmp_path):
         SparseMLLMConfig.from_dict({**saved, "skip_layers": [0.5]})
 
 
+def test_loading_passes_hub_arguments_to_cached_file(tmp_path):
+    config = SparseMLLMConfig(keep_ratio=0.5)
+    config.save_pretrained(tmp_path / "recipe")
+    loaded = SparseMLLMConfig.from_pretrained(tmp_path, subfolder="recipe", local_files_only=True, seed=3)
+    assert loaded == SparseMLLMConfig(keep_ratio=0.5, seed=3)
+    with pytest.raises(OSError, match="has no sparse_mllm_config.json"):
+        SparseMLLMConfig.from_pretrained(tmp_path, subfolder="elsewhere", local_files_only=True)
+
+
 # ---- layer skipping: one rule for protect_layers, no setting that never skips ------------------------------------
 
 

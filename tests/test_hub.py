@@ -270,6 +270,10 @@ def test_sparse_config_push_to_hub_uploads_only_its_file(tmp_path, fake_hub):
     assert fake_hub.repo_files("org/recipe-2") == {SPARSE_CONFIG_NAME}
     assert fake_hub.commits[-1]["token"] == "hf_explicit"
 
+    config.push_to_hub("org/recipe", revision="dev", commit_message="Recipe v2", max_shard_size="1GB")
+    assert fake_hub.repos["org/recipe"]["branches"] == {"dev"}
+    assert fake_hub.commits[-1]["revision"] == "dev" and fake_hub.commits[-1]["message"] == "Recipe v2"
+
 
 # ---- export and loading without this package ---------------------------------------------------------------------
 

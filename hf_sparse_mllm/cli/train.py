@@ -168,6 +168,22 @@ def _recipe_text(trainer) -> str:
     return "\n".join(lines)
 
 
+def _data(dataset_args: DatasetArguments, training_args: SFTArguments, processor) -> dict:
+    """The trainer's `train_dataset`, `eval_dataset` and `data_collator` (`None`: TRL builds its own)."""
+    data = dict(train_dataset=_load_split(dataset_args, dataset_args.dataset_train_split), data_collator=None)
+    if training_args.eval_strategy != "no":
+        data["eval_dataset"] = _load_split(dataset_args, dataset_args.dataset_test_split)
+    if dataset_args.collator == "sparse":
+        from ..data.collator import VisionLanguageCollator
+        from ..data.samples import index_samples
+
+        data["data_collator"] = VisionLanguageCollator(
+            processor, max_length=training_args.max_length, skip_bad_samples=dataset_args.skip_bad_samples
+        )
+        data["train_dataset"] = index_samples(data["train_dataset"])  # so that bad-sample errors name the index
+    return data
+
+
 def train(dataset_args: DatasetArguments, training_args: SFTArguments, model_args: ModelConfig, sparse_config):
     """Load the model, its processor and the data, train with [`~hf_sparse_mllm.SparseSFTTrainer`], save everything
     into `training_args.output_dir` (and push it with `--push_to_hub`). Returns the trainer."""
@@ -176,29 +192,13 @@ def train(dataset_args: DatasetArguments, training_args: SFTArguments, model_arg
     from .. import SparseSFTTrainer
 
     model, processor = _load_model(model_args, training_args.trust_remote_code)
-    train_dataset = _load_split(dataset_args, dataset_args.dataset_train_split)
-    eval_dataset = (
-        _load_split(dataset_args, dataset_args.dataset_test_split) if training_args.eval_strategy != "no" else None
-    )
-    collator = None
-    if dataset_args.collator == "sparse":
-        from ..data.collator import VisionLanguageCollator
-        from ..data.samples import index_samples
-
-        collator = VisionLanguageCollator(
-            processor, max_length=training_args.max_length, skip_bad_samples=dataset_args.skip_bad_samples
-        )
-        train_dataset = index_samples(train_dataset)  # so that bad-sample errors name the dataset index
-
     trainer = SparseSFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        model,
+        training_args,
         processing_class=processor,
-        data_collator=collator,
         peft_config=get_peft_config(model_args),
         sparse_config=sparse_config,
+        **_data(dataset_args, training_args, processor),
     )
     trainer.accelerator.print(_recipe_text(trainer))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -145,20 +145,19 @@ def evaluate_task(
     task: Task,
     *,
     batch_size: int = 32,
-    token_compressor=None,
-    keep_ratio: float | None = None,
-    num_keep: int | None = None,
     max_new_tokens: int | None = None,
     limit: int | None = None,
     progress: bool = True,
     docs=None,
     n_original: int | None = None,
     stats: dict | None = None,
+    **compression,
 ) -> dict[str, Any]:
     """Run one task; return `{"metrics", "samples", "n_docs", "n_original", "seconds"}` (see [`evaluate`]).
 
-    `docs` (the task's loaded samples) and `n_original` skip loading them again when the caller already has them;
-    `stats` accumulates the visual tokens seen (see [`generate_from_prompts`]).
+    `compression` is `token_compressor`, `keep_ratio` and `num_keep`, as for [`generate_from_prompts`]. `docs` (the
+    task's loaded samples) and `n_original` skip loading them again when the caller already has them; `stats`
+    accumulates the visual tokens seen (see [`generate_from_prompts`]).
     """
     start = time.perf_counter()
     if docs is None:
@@ -187,10 +186,8 @@ def evaluate_task(
             [prompts[i] for i in batch],
             visuals,
             max_new_tokens=max_new_tokens or task.max_new_tokens,
-            token_compressor=token_compressor,
-            keep_ratio=keep_ratio,
-            num_keep=num_keep,
             stats=stats,
+            **compression,
         )
         for i, output in zip(batch, outputs):
             raw[i] = output

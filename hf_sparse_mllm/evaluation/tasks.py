@@ -469,6 +469,14 @@ def _vqav2_answers(doc: dict) -> list[str]:
     return [a["answer"] if isinstance(a, dict) else a for a in doc["answers"]]
 
 
+def _vqav2_target(doc: dict):
+    return doc.get("answer", _vqav2_answers(doc))
+
+
+def _vqav2_process_results(doc: dict, pred: str) -> dict:
+    return {"exact_match": metrics.vqa_accuracy(pred, _vqav2_answers(doc))}
+
+
 def _validate_vqav2(docs) -> None:
     for index, answers in enumerate(docs["answers"]):
         if not answers:
@@ -480,12 +488,12 @@ def _vqav2_val(**overrides) -> Task:
     # lmms_eval/tasks/vqav2/vqav2_val.yaml + utils.vqav2_process_results_val.
     return _short_answer_task(
         name="vqav2_val",
+        validate_docs=_validate_vqav2,
         split="validation",
         required_columns=("image", "question", "answers"),
         layout="VQAv2 layout: image, question, answers (a list of {'answer': ...} dicts or strings), question_id",
-        doc_to_target=lambda doc: doc.get("answer", _vqav2_answers(doc)),
-        process_results=lambda doc, pred: {"exact_match": metrics.vqa_accuracy(pred, _vqav2_answers(doc))},
-        validate_docs=_validate_vqav2,
+        doc_to_target=_vqav2_target,
+        process_results=_vqav2_process_results,
         **overrides,
     )
 
@@ -595,7 +603,6 @@ def _mme(**overrides) -> Task:
         process_results=_mme_process_results,
         aggregation={"mme_perception_score": mme_aggregate_perception, "mme_cognition_score": mme_aggregate_cognition},
         prompt_kwargs={"pre_prompt": "", "post_prompt": SHORT_ANSWER_POST_PROMPT},
-        max_new_tokens=16,
         validate_docs=_validate_mme,
         **overrides,
     )
@@ -632,15 +639,14 @@ def _scienceqa_img(**overrides) -> Task:
     # lmms_eval/tasks/scienceqa/scienceqa_img.yaml + utils.sqa_process_results.
     return Task(
         name="scienceqa_img",
-        required_columns=("image", "question", "choices", "answer", "hint"),
-        layout="ScienceQA-IMG layout: image, question, choices (list of str), answer (index of the choice), hint",
         doc_to_visual=_image_visual,
         doc_to_text=_sqa_doc_to_text,
         doc_to_target=_sqa_target,
         process_results=lambda doc, pred: {"exact_match": metrics.scienceqa_match(pred, _sqa_target(doc))},
         aggregation={"exact_match": mean},
         prompt_kwargs={"pre_prompt": "", "post_prompt": SCIENCEQA_POST_PROMPT, "format": "default"},
-        max_new_tokens=16,
+        required_columns=("image", "question", "choices", "answer", "hint"),
+        layout="ScienceQA-IMG layout: image, question, choices (list of str), answer (index of the choice), hint",
         validate_docs=_validate_sqa,
         **overrides,
     )
