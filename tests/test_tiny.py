@@ -300,6 +300,16 @@ def test_every_family_is_registered_and_tested():
         build_tiny_model_and_processor("llava_next", words=WORDS, hidden_sise=8)
 
 
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "llava"])
+def test_family_builder_refuses_unknown_keywords(family):
+    # These builders take `**kwargs` (their family's `TypedDict`), so they check the names themselves.
+    builder = getattr(tiny, f"build_tiny_{family}")
+    with pytest.raises(TypeError, match=rf"'{family}': 'hidden_sise' \(did you mean 'hidden_size'\?\)"):
+        builder(words=WORDS, hidden_sise=8)
+    with pytest.raises(TypeError, match=r"'patch_sise' \(did you mean 'patch_size'\?\)"):
+        builder(words=WORDS, patch_sise=4)
+
+
 FAMILY_PARAMS = [pytest.param(f, marks=[NEEDS_NUM2WORDS] if f == "smolvlm" else [], id=f) for f in FAMILIES]
 
 _BUILT: dict[str, tuple] = {}

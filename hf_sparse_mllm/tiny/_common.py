@@ -1,21 +1,31 @@
-"""Helpers shared by the tiny family builders: the shared widths and depths, seeded initialisation, processor
-registration."""
+"""Helpers shared by the tiny family builders: the keyword arguments they share and the steps of a build they share,
+processor registration."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
-from transformers import AutoProcessor, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoProcessor,
+    BaseImageProcessor,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
+
+from .registry import check_overrides
+from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
 
 
-@dataclass(frozen=True)
-class TinyShape:
+class TinyShape(TypedDict, total=False):
     """
-    The widths and depths every family builder takes (described once, in `build_tiny_model_and_processor`), and the
-    config fields they set.
+    The widths and depths every family builder takes (`TinyBuild.text_config` and `vision_config` set them), a
+    `TypedDict` so that `TinyBuilderKwargs` can extend it.
     """
 
     hidden_size: int
@@ -25,20 +35,82 @@ class TinyShape:
     vision_hidden_size: int
     vision_layers: int
 
+
+class TinyBuilderKwargs(TinyShape, total=False):
+    """
+    The keyword arguments every family builder takes besides `words`, described once, with their defaults, in
+    `build_tiny_model_and_processor`. A family's own `TypedDict` adds its image geometry.
+    """
+
+    seed: int
+    padding_side: str
+    attn_implementation: str
+
+
+# Every family's widths and depths but LLaVA's (`build_tiny_llava` has its own).
+DEFAULT_SHAPE: TinyShape = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "vision_hidden_size": 32,
+    "vision_layers": 2,
+}
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """
+    The `TinyBuilderKwargs` of one builder call, with their defaults, and the steps of a build every family shares.
+    `shape` holds all six widths and depths.
+    """
+
+    shape: TinyShape
+    seed: int = 0
+    padding_side: str = "right"
+    attn_implementation: str = "sdpa"
+
     @classmethod
-    def of(cls, arguments: Mapping[str, Any]) -> TinyShape:
-        """The shape among a builder's arguments (its `locals()`)."""
-        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+    def of(cls, family: str, kwargs: Mapping[str, Any], kwargs_type: type[TinyBuilderKwargs]) -> TinyBuild:
+        """
+        The `TinyBuilderKwargs` among the `**kwargs` of `family`'s builder, with their defaults, once every name in
+        `kwargs` is checked to be a key of `kwargs_type`, the family's `TypedDict` (the builder reads its geometry).
+        """
+        check_overrides(family, kwargs, kwargs_type.__annotations__)
+        shape = {name: kwargs.get(name, default) for name, default in DEFAULT_SHAPE.items()}
+        return cls(shape, **{field.name: kwargs[field.name] for field in fields(cls) if field.name in kwargs})
+
+    def tokenizer(
+        self, words: Iterable[str], image_placeholder: str = IMAGE_TOKEN, *, bos: bool = True, **kwargs: Any
+    ) -> PreTrainedTokenizerFast:
+        """
+        The word tokenizer over `words` (`kwargs` are more arguments of `build_word_tokenizer`) with `padding_side`
+        and the chat template that writes `image_placeholder` for an image (`bos`: see `make_chat_template`).
+        """
+        chat_template = make_chat_template(image_placeholder, bos=bos)
+        return build_word_tokenizer(words, chat_template=chat_template, padding_side=self.padding_side, **kwargs)
+
+    @staticmethod
+    def processor(
+        processor_class: type[ProcessorMixin],
+        image_processor: BaseImageProcessor,
+        tokenizer: PreTrainedTokenizerBase,
+        **kwargs: Any,
+    ) -> ProcessorMixin:
+        """`processor_class` over `image_processor` and `tokenizer`, with the tokenizer's chat template."""
+        return processor_class(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template, **kwargs
+        )
 
     def text_config(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The fields every tiny decoder config shares: widths, vocabulary size and special token ids."""
         return dict(
             vocab_size=len(tokenizer),
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_attention_heads,
+            hidden_size=self.shape["hidden_size"],
+            intermediate_size=self.shape["intermediate_size"],
+            num_hidden_layers=self.shape["num_hidden_layers"],
+            num_attention_heads=self.shape["num_attention_heads"],
+            num_key_value_heads=self.shape["num_attention_heads"],
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -48,42 +120,37 @@ class TinyShape:
     def vision_config(self, *, image_size: Any, patch_size: Any, mlp_ratio: int = 2) -> dict[str, Any]:
         """The fields of a ViT-style tower (CLIP, SigLIP, Idefics3's, InternViT) with the decoder's head count."""
         return dict(
-            hidden_size=self.vision_hidden_size,
-            intermediate_size=mlp_ratio * self.vision_hidden_size,
-            num_hidden_layers=self.vision_layers,
-            num_attention_heads=self.num_attention_heads,
+            hidden_size=self.shape["vision_hidden_size"],
+            intermediate_size=mlp_ratio * self.shape["vision_hidden_size"],
+            num_hidden_layers=self.shape["vision_layers"],
+            num_attention_heads=self.shape["num_attention_heads"],
             image_size=image_size,
             patch_size=patch_size,
         )
+
+    def model(
+        self, model_class: type[PreTrainedModel], config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase
+    ) -> PreTrainedModel:
+        """
+        Instantiate `model_class(config)` with weights that depend only on `seed`, in float32 and eval mode.
+
+        The generation config gets the tokenizer's pad/bos/eos ids so `generate` stops at `</s>` and pads with
+        `<pad>`.
+        """
+        config._attn_implementation = self.attn_implementation
+        # A private generator state keeps the weights a pure function of `seed` without disturbing the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = model_class(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model.float().eval()
 
 
 def check_patch_size(image_size: int, patch_size: int) -> None:
     if image_size % patch_size:
         raise ValueError(f"patch_size must divide image_size, got image_size={image_size}, patch_size={patch_size}")
-
-
-def init_tiny_model(
-    model_class: type[PreTrainedModel],
-    config: PreTrainedConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    seed: int,
-    attn_implementation: str,
-) -> PreTrainedModel:
-    """
-    Instantiate `model_class(config)` with weights that depend only on `seed`, in float32 and eval mode.
-
-    The generation config gets the tokenizer's pad/bos/eos ids so `generate` stops at `</s>` and pads with `<pad>`.
-    """
-    config._attn_implementation = attn_implementation
-    # A private generator state keeps the weights a pure function of `seed` without disturbing the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.float().eval()
 
 
 def register_processor(processor_class: type) -> type:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from transformers import (
     Gemma3Config,
@@ -43,9 +44,11 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import TinyShape, check_patch_size, init_tiny_model
+from ._common import TinyBuild, TinyBuilderKwargs, check_patch_size
 from .registry import register_tiny_family
-from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 GEMMA3_TOKENS = {
     "boi_token": "<start_of_image>",
@@ -54,23 +57,25 @@ GEMMA3_TOKENS = {
 }
 
 
+class Gemma3BuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of [`build_tiny_gemma3`]: every builder's, its image geometry and its sliding window."""
+
+    image_size: int
+    patch_size: int
+    mm_tokens_per_image: int
+    sliding_window: int
+
+
+class PaliGemmaBuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of [`build_tiny_paligemma`]: every builder's and its image geometry."""
+
+    image_size: int
+    patch_size: int
+
+
 @register_tiny_family("gemma3")
 def build_tiny_gemma3(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 4,
-    mm_tokens_per_image: int = 16,
-    sliding_window: int = 32,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[Gemma3BuilderKwargs]
 ) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
     """
     Build a tiny Gemma 3 (SigLIP tower, pooled projector, Gemma 3 decoder with sliding and global layers) and its
@@ -81,7 +86,7 @@ def build_tiny_gemma3(
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
-            Side of the square images fed to the vision tower.
+            Side of the square images fed to the vision tower (every image is resized to it: no pan-and-scan).
         patch_size (`int`, *optional*, defaults to `4`):
             Patch side of the vision tower.
         mm_tokens_per_image (`int`, *optional*, defaults to `16`):
@@ -95,6 +100,8 @@ def build_tiny_gemma3(
     >>> from PIL import Image
     >>> from hf_sparse_mllm.tiny import build_tiny_gemma3
     >>> model, processor = build_tiny_gemma3(words=["what", "color", "red"])
+    >>> processor.tokenizer.convert_ids_to_tokens([processor.image_token_id, model.config.image_token_id])
+    ['<start_of_image>', '<image_soft_token>']
     >>> inputs = processor(text=["<start_of_image> what color ?"], images=[[Image.new("RGB", (40, 30))]], return_tensors="pt")
     >>> sorted(inputs), inputs["token_type_ids"].sum().item()
     (['attention_mask', 'input_ids', 'pixel_values', 'token_type_ids'], 16)
@@ -102,6 +109,11 @@ def build_tiny_gemma3(
     torch.Size([1, 16, 32])
     ```
     """
+    build = TinyBuild.of("gemma3", kwargs, Gemma3BuilderKwargs)
+    image_size = kwargs.get("image_size", 32)
+    patch_size = kwargs.get("patch_size", 4)
+    mm_tokens_per_image = kwargs.get("mm_tokens_per_image", 16)
+    sliding_window = kwargs.get("sliding_window", 32)
     side, patches_per_side = math.isqrt(mm_tokens_per_image), image_size // patch_size
     if side * side != mm_tokens_per_image or patches_per_side % side:
         raise ValueError(
@@ -109,28 +121,19 @@ def build_tiny_gemma3(
             f"got {mm_tokens_per_image}"
         )
     check_patch_size(image_size, patch_size)
-    tokenizer = build_word_tokenizer(
-        words,
-        named_special_tokens=GEMMA3_TOKENS,
-        chat_template=make_chat_template(GEMMA3_TOKENS["boi_token"]),
-        padding_side=padding_side,
-    )
+    tokenizer = build.tokenizer(words, GEMMA3_TOKENS["boi_token"], named_special_tokens=GEMMA3_TOKENS)
     image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = Gemma3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-        image_seq_length=mm_tokens_per_image,
-    )
-    shape, head_dim = TinyShape.of(locals()), hidden_size // num_attention_heads
+    processor = build.processor(Gemma3Processor, image_processor, tokenizer, image_seq_length=mm_tokens_per_image)
+    head_dim = build.shape["hidden_size"] // build.shape["num_attention_heads"]
+    layers = range(build.shape["num_hidden_layers"])
     text_config = Gemma3TextConfig(
-        **shape.text_config(tokenizer),
+        **build.text_config(tokenizer),
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,
         sliding_window=sliding_window,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)],
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in layers],
     )
-    vision_config = SiglipVisionConfig(**shape.vision_config(image_size=image_size, patch_size=patch_size))
+    vision_config = SiglipVisionConfig(**build.vision_config(image_size=image_size, patch_size=patch_size))
     config = Gemma3Config(
         text_config=text_config,
         vision_config=vision_config,
@@ -140,27 +143,12 @@ def build_tiny_gemma3(
         image_token_index=tokenizer.image_token_id,
         tie_word_embeddings=False,
     )
-    model = init_tiny_model(
-        Gemma3ForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
-    )
-    return model, processor
+    return build.model(Gemma3ForConditionalGeneration, config, tokenizer), processor
 
 
 @register_tiny_family("paligemma")
 def build_tiny_paligemma(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 8,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[PaliGemmaBuilderKwargs]
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """
     Build a tiny PaliGemma (SigLIP tower, linear projector, Gemma decoder with a prefix-LM mask) and its processor,
@@ -181,6 +169,8 @@ def build_tiny_paligemma(
     >>> from PIL import Image
     >>> from hf_sparse_mllm.tiny import build_tiny_paligemma
     >>> model, processor = build_tiny_paligemma(words=["what", "color", "red"])
+    >>> len(processor.tokenizer), model.config.text_config.vocab_size  # 1,152 of them location and segmentation words
+    (1195, 1195)
     >>> inputs = processor(text=["<image> what color ?"], images=[[Image.new("RGB", (40, 30))]], return_tensors="pt")
     >>> processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, 15:])
     ['<image>', '<s>', 'what', 'color', '?']
@@ -188,27 +178,25 @@ def build_tiny_paligemma(
     0
     ```
     """
+    build = TinyBuild.of("paligemma", kwargs, PaliGemmaBuilderKwargs)
+    image_size = kwargs.get("image_size", 32)
+    patch_size = kwargs.get("patch_size", 8)
     check_patch_size(image_size, patch_size)
-    tokenizer = build_word_tokenizer(
-        words, chat_template=make_chat_template(IMAGE_TOKEN, bos=False), padding_side=padding_side
-    )
+    tokenizer = build.tokenizer(words, bos=False)
     num_tokens = (image_size // patch_size) ** 2
     image_processor = SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_seq_length=num_tokens
     )
     # PaliGemma's processor adds 1,152 location and segmentation words to the tokenizer: count them in the vocabulary.
-    processor = PaliGemmaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-    )
-    shape = TinyShape.of(locals())
+    processor = build.processor(PaliGemmaProcessor, image_processor, tokenizer)
+    hidden_size = build.shape["hidden_size"]
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(**shape.vision_config(image_size=image_size, patch_size=patch_size)),
-        text_config=GemmaConfig(**shape.text_config(tokenizer), head_dim=hidden_size // num_attention_heads),
+        vision_config=SiglipVisionConfig(**build.vision_config(image_size=image_size, patch_size=patch_size)),
+        text_config=GemmaConfig(
+            **build.text_config(tokenizer), head_dim=hidden_size // build.shape["num_attention_heads"]
+        ),
         image_token_index=processor.image_token_id,
         projection_dim=hidden_size,
         tie_word_embeddings=False,
     )
-    model = init_tiny_model(
-        PaliGemmaForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
-    )
-    return model, processor
+    return build.model(PaliGemmaForConditionalGeneration, config, tokenizer), processor

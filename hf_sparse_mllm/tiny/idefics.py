@@ -23,6 +23,7 @@ images; [`ImageOnlySmolVLMProcessor`] drops the video processor (see `register_p
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from transformers import (
     Idefics3Config,
@@ -37,9 +38,11 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from ._common import TinyShape, init_tiny_model, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, register_processor
 from .registry import register_tiny_family
-from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 # The processors look these up by name; 6 x 6 is the most tiles their prompts number.
 IDEFICS_TOKENS = {
@@ -49,6 +52,14 @@ IDEFICS_TOKENS = {
     "video_token": "<video>",
 }
 ROW_COL_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+
+
+class IdeficsBuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of both builders: every builder's and the geometry of [`build_tiny_idefics3`]."""
+
+    image_size: int
+    patch_size: int
+    longest_edge: int
 
 
 @register_processor
@@ -90,76 +101,9 @@ _CLASSES = {
 }
 
 
-def _build(
-    family: str,
-    *,
-    words: Iterable[str],
-    seed: int,
-    padding_side: str,
-    image_size: int,
-    patch_size: int,
-    longest_edge: int,
-    attn_implementation: str,
-    **widths: int,
-):
-    shape = TinyShape(**widths)
-    scale_factor = 2
-    if image_size % (patch_size * scale_factor):
-        raise ValueError(
-            f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 2), got image_size={image_size}, "
-            f"patch_size={patch_size}"
-        )
-    if longest_edge % image_size or longest_edge > 6 * image_size:
-        raise ValueError(
-            f"longest_edge must be a multiple of image_size={image_size} of at most 6 tiles, got {longest_edge}"
-        )
-    tokenizer = build_word_tokenizer(
-        words,
-        named_special_tokens=IDEFICS_TOKENS,
-        extra_special_tokens=ROW_COL_TOKENS,
-        chat_template=make_chat_template(IMAGE_TOKEN),
-        padding_side=padding_side,
-    )
-    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
-    image_processor_class, processor_class, config_class, model_class = _CLASSES[family]
-    image_processor = image_processor_class(
-        do_image_splitting=True,
-        size={"longest_edge": longest_edge},
-        max_image_size={"longest_edge": image_size},
-    )
-    processor = processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_len=image_seq_len,
-        chat_template=tokenizer.chat_template,
-    )
-    config = config_class(
-        vision_config=shape.vision_config(image_size=image_size, patch_size=patch_size),
-        text_config=LlamaConfig(**shape.text_config(tokenizer)),
-        image_token_id=processor.image_token_id,
-        scale_factor=scale_factor,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = init_tiny_model(model_class, config, tokenizer, seed=seed, attn_implementation=attn_implementation)
-    return model, processor
-
-
 @register_tiny_family("idefics3")
 def build_tiny_idefics3(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 4,
-    longest_edge: int = 64,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[IdeficsBuilderKwargs]
 ) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
     """
     Build a tiny Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama decoder, image splitting) and its
@@ -170,7 +114,7 @@ def build_tiny_idefics3(
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
-            Side of a tile (the vision tower's input).
+            Side of a tile and of the downscaled global image (the vision tower's input).
         patch_size (`int`, *optional*, defaults to `4`):
             Patch side of the vision tower; `(image_size // patch_size) ** 2 / 4` visual tokens per tile.
         longest_edge (`int`, *optional*, defaults to `64`):
@@ -192,25 +136,12 @@ def build_tiny_idefics3(
     ['<fake_token_around_image> <row_1_col_1> <image>']
     ```
     """
-    return _build("idefics3", **locals())  # the arguments above, as they are
+    return _build("idefics3", words, kwargs)
 
 
 @register_tiny_family("smolvlm")
 def build_tiny_smolvlm(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 4,
-    longest_edge: int = 64,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[IdeficsBuilderKwargs]
 ) -> tuple[SmolVLMForConditionalGeneration, ImageOnlySmolVLMProcessor]:
     """
     Build a tiny SmolVLM (Idefics3's architecture and tiling) and its image-only processor, offline.
@@ -229,4 +160,38 @@ def build_tiny_smolvlm(
     (torch.Size([1, 3, 3, 32, 32]), 48)
     ```
     """
-    return _build("smolvlm", **locals())  # the arguments above, as they are
+    return _build("smolvlm", words, kwargs)
+
+
+def _build(family: str, words: Iterable[str], kwargs: IdeficsBuilderKwargs):
+    build = TinyBuild.of(family, kwargs, IdeficsBuilderKwargs)
+    image_size = kwargs.get("image_size", 32)
+    patch_size = kwargs.get("patch_size", 4)
+    longest_edge = kwargs.get("longest_edge", 64)
+    scale_factor = 2
+    if image_size % (patch_size * scale_factor):
+        raise ValueError(
+            f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 2), got image_size={image_size}, "
+            f"patch_size={patch_size}"
+        )
+    if longest_edge % image_size or longest_edge > 6 * image_size:
+        raise ValueError(
+            f"longest_edge must be a multiple of image_size={image_size} of at most 6 tiles, got {longest_edge}"
+        )
+    tokenizer = build.tokenizer(words, named_special_tokens=IDEFICS_TOKENS, extra_special_tokens=ROW_COL_TOKENS)
+    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    image_processor_class, processor_class, config_class, model_class = _CLASSES[family]
+    image_processor = image_processor_class(
+        do_image_splitting=True,
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": image_size},
+    )
+    processor = build.processor(processor_class, image_processor, tokenizer, image_seq_len=image_seq_len)
+    config = config_class(
+        vision_config=build.vision_config(image_size=image_size, patch_size=patch_size),
+        text_config=LlamaConfig(**build.text_config(tokenizer)),
+        image_token_id=processor.image_token_id,
+        scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return build.model(model_class, config, tokenizer), processor

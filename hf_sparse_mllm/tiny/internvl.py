@@ -18,6 +18,7 @@ from the placeholder counts. `get_image_features(...).pooler_output` is a tensor
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from transformers import (
     GotOcr2ImageProcessorPil,
@@ -28,9 +29,11 @@ from transformers import (
     Qwen2Config,
 )
 
-from ._common import TinyShape, init_tiny_model, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, register_processor
 from .registry import register_tiny_family
-from .tokenizer import build_word_tokenizer, make_chat_template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 INTERNVL_TOKENS = {
     "start_image_token": "<img>",
@@ -38,6 +41,14 @@ INTERNVL_TOKENS = {
     "context_image_token": "<IMG_CONTEXT>",
     "video_token": "<video>",
 }
+
+
+class InternVLBuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of [`build_tiny_internvl`]: every builder's and its image geometry."""
+
+    image_size: int
+    patch_size: int
+    max_tiles: int
 
 
 @register_processor
@@ -70,20 +81,7 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
 
 @register_tiny_family("internvl")
 def build_tiny_internvl(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 4,
-    max_tiles: int = 4,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[InternVLBuilderKwargs]
 ) -> tuple[InternVLForConditionalGeneration, ImageOnlyInternVLProcessor]:
     """
     Build a tiny InternVL (InternViT-style tower, pixel-shuffle projector, Qwen2 decoder, dynamic tiling) and its
@@ -94,7 +92,7 @@ def build_tiny_internvl(
 
     Args:
         image_size (`int`, *optional*, defaults to `32`):
-            Side of a tile (the vision tower's input).
+            Side of a tile and of the thumbnail (the vision tower's input).
         patch_size (`int`, *optional*, defaults to `4`):
             Patch side of the vision tower; `(image_size // patch_size) ** 2 / 4` visual tokens per tile.
         max_tiles (`int`, *optional*, defaults to `4`):
@@ -106,6 +104,8 @@ def build_tiny_internvl(
     >>> from PIL import Image
     >>> from hf_sparse_mllm.tiny import build_tiny_internvl
     >>> model, processor = build_tiny_internvl(words=["what", "color", "red"])
+    >>> processor.image_seq_length, processor.image_processor.max_patches  # tokens per tile, most tiles per image
+    (16, 4)
     >>> inputs = processor(text=["<IMG_CONTEXT> what color ?"], images=[Image.new("RGB", (30, 60))], return_tensors="pt")
     >>> inputs["pixel_values"].shape, (inputs["input_ids"] == model.config.image_token_id).sum().item()
     (torch.Size([3, 3, 32, 32]), 48)
@@ -113,40 +113,32 @@ def build_tiny_internvl(
     ['<img>', '<IMG_CONTEXT>', '</img>', 'what']
     ```
     """
+    build = TinyBuild.of("internvl", kwargs, InternVLBuilderKwargs)
+    image_size = kwargs.get("image_size", 32)
+    patch_size = kwargs.get("patch_size", 4)
+    max_tiles = kwargs.get("max_tiles", 4)
     if image_size % (2 * patch_size):
         raise ValueError(
             f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 0.5), got image_size={image_size}, "
             f"patch_size={patch_size}"
         )
-    tokenizer = build_word_tokenizer(
-        words,
-        named_special_tokens=INTERNVL_TOKENS,
-        chat_template=make_chat_template(INTERNVL_TOKENS["context_image_token"]),
-        padding_side=padding_side,
-    )
+    tokenizer = build.tokenizer(words, INTERNVL_TOKENS["context_image_token"], named_special_tokens=INTERNVL_TOKENS)
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
     )
     image_seq_length = (image_size // patch_size) ** 2 // 4
-    processor = ImageOnlyInternVLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_length=image_seq_length,
-        chat_template=tokenizer.chat_template,
+    processor = build.processor(
+        ImageOnlyInternVLProcessor, image_processor, tokenizer, image_seq_length=image_seq_length
     )
-    shape = TinyShape.of(locals())
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
-            **shape.vision_config(image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
+            **build.vision_config(image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
         ),
-        text_config=Qwen2Config(**shape.text_config(tokenizer)),
+        text_config=Qwen2Config(**build.text_config(tokenizer)),
         image_token_id=processor.image_token_id,
         image_seq_length=image_seq_length,
         downsample_ratio=0.5,
         vision_feature_layer=-1,
         tie_word_embeddings=False,
     )
-    model = init_tiny_model(
-        InternVLForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
-    )
-    return model, processor
+    return build.model(InternVLForConditionalGeneration, config, tokenizer), processor

@@ -28,7 +28,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from ._common import TinyShape, check_patch_size, init_tiny_model
+from ._common import TinyBuild, TinyShape, check_patch_size
 from .registry import register_tiny_family
 from .tokenizer import IMAGE_TOKEN, build_word_tokenizer
 
@@ -136,15 +136,17 @@ def build_tiny_llava(
     (32, 4)
     ```
     """
-    shape, tokenizer = TinyShape.of(locals()), processor.tokenizer
+    arguments, tokenizer = locals(), processor.tokenizer
+    shape: TinyShape = {name: arguments[name] for name in TinyShape.__annotations__}
+    build = TinyBuild(shape, seed=seed, attn_implementation=attn_implementation)
     image_size, patch_size = processor.image_processor.crop_size["height"], processor.patch_size
     num_patches = (image_size // patch_size) ** 2
     strategy = processor.vision_feature_select_strategy or "default"
     vision_config = CLIPVisionConfig(
-        **shape.vision_config(image_size=image_size, patch_size=patch_size, mlp_ratio=4),
+        **build.vision_config(image_size=image_size, patch_size=patch_size, mlp_ratio=4),
         projection_dim=vision_hidden_size,
     )
-    text_config = LlamaConfig(**shape.text_config(tokenizer), max_position_embeddings=max(2048, 4 * num_patches))
+    text_config = LlamaConfig(**build.text_config(tokenizer), max_position_embeddings=max(2048, 4 * num_patches))
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -156,9 +158,7 @@ def build_tiny_llava(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return init_tiny_model(
-        LlavaForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
-    )
+    return build.model(LlavaForConditionalGeneration, config, tokenizer)
 
 
 @dataclass(frozen=True)

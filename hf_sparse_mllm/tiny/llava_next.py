@@ -22,6 +22,7 @@ the projector, then unpadded and given its newline rows.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from transformers import (
     CLIPVisionConfig,
@@ -38,100 +39,23 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import TinyShape, check_patch_size, init_tiny_model, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, check_patch_size, register_processor
 from .registry import register_tiny_family
-from .tokenizer import IMAGE_TOKEN, build_word_tokenizer
+from .tokenizer import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 VIDEO_TOKEN = "<video>"
 DEFAULT_PINPOINTS = ((32, 64), (64, 32))
 
 
-def _check_geometry(
-    image_size: int, patch_size: int, image_grid_pinpoints: Sequence[Sequence[int]]
-) -> list[list[int]]:
-    check_patch_size(image_size, patch_size)
-    pinpoints = [[int(h), int(w)] for h, w in image_grid_pinpoints]
-    bad = [p for p in pinpoints if p[0] % image_size or p[1] % image_size]
-    if bad:
-        raise ValueError(f"image_grid_pinpoints must be multiples of image_size={image_size}, got {bad}")
-    return pinpoints
+class LlavaNextBuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of both builders: every builder's and the geometry of [`build_tiny_llava_next`]."""
 
-
-@register_tiny_family("llava_next")
-def build_tiny_llava_next(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 8,
-    image_grid_pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
-) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
-    """
-    Build a tiny LLaVA-NeXT (CLIP tower, Llama decoder, anyres tiling) and its processor, offline.
-
-    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
-    [`build_tiny_model_and_processor`].
-
-    Args:
-        image_size (`int`, *optional*, defaults to `32`):
-            Side of a tile (the vision tower's input).
-        patch_size (`int`, *optional*, defaults to `8`):
-            Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
-        image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
-            Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
-
-    Example:
-
-    ```python
-    >>> from PIL import Image
-    >>> from hf_sparse_mllm.tiny import build_tiny_llava_next
-    >>> model, processor = build_tiny_llava_next(words=["what", "color", "red"])
-    >>> inputs = processor(text=["<image> what color ?"], images=[Image.new("RGB", (40, 30))], return_tensors="pt")
-    >>> inputs["pixel_values"].shape, inputs["image_sizes"].tolist()
-    (torch.Size([1, 3, 3, 32, 32]), [[30, 40]])
-    >>> (inputs["input_ids"] == processor.image_token_id).sum().item()
-    44
-    ```
-    """
-    pinpoints = _check_geometry(image_size, patch_size, image_grid_pinpoints)
-    tokenizer = build_word_tokenizer(words, padding_side=padding_side)
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=tokenizer.chat_template,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by the "default" strategy
-    )
-    shape = TinyShape.of(locals())
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            **shape.vision_config(image_size=image_size, patch_size=patch_size), projection_dim=vision_hidden_size
-        ),
-        text_config=LlamaConfig(**shape.text_config(tokenizer)),
-        image_token_id=processor.image_token_id,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    model = init_tiny_model(
-        LlavaNextForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
-    )
-    return model, processor
+    image_size: int
+    patch_size: int
+    image_grid_pinpoints: Sequence[Sequence[int]]
 
 
 @register_processor
@@ -175,22 +99,82 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         )
 
 
+def _arguments(family: str, kwargs: LlavaNextBuilderKwargs) -> tuple[TinyBuild, int, int, list[list[int]]]:
+    """The `TinyBuild` of a builder's `kwargs` and its checked geometry: image size, patch size, grid pinpoints."""
+    build = TinyBuild.of(family, kwargs, LlavaNextBuilderKwargs)
+    image_size, patch_size = kwargs.get("image_size", 32), kwargs.get("patch_size", 8)
+    check_patch_size(image_size, patch_size)
+    pinpoints = [[int(h), int(w)] for h, w in kwargs.get("image_grid_pinpoints", DEFAULT_PINPOINTS)]
+    bad = [p for p in pinpoints if p[0] % image_size or p[1] % image_size]
+    if bad:
+        raise ValueError(f"image_grid_pinpoints must be multiples of image_size={image_size}, got {bad}")
+    return build, image_size, patch_size, pinpoints
+
+
+@register_tiny_family("llava_next")
+def build_tiny_llava_next(
+    *, words: Iterable[str], **kwargs: Unpack[LlavaNextBuilderKwargs]
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """
+    Build a tiny LLaVA-NeXT (CLIP tower, Llama decoder, anyres tiling) and its processor, offline.
+
+    The arguments not listed here, and the `(model, processor)` it returns, are those of every tiny builder, see
+    [`build_tiny_model_and_processor`].
+
+    Args:
+        image_size (`int`, *optional*, defaults to `32`):
+            Side of the base tile and of the anyres grid's tiles (the vision tower's input).
+        patch_size (`int`, *optional*, defaults to `8`):
+            Patch side of the vision tower; `(image_size // patch_size) ** 2` features per tile.
+        image_grid_pinpoints (`Sequence[Sequence[int]]`, *optional*, defaults to `((32, 64), (64, 32))`):
+            Candidate `(height, width)` resolutions of the anyres grid, multiples of `image_size`.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_next
+    >>> model, processor = build_tiny_llava_next(words=["what", "color", "red"])
+    >>> inputs = processor(text=["<image> what color ?"], images=[Image.new("RGB", (40, 30))], return_tensors="pt")
+    >>> inputs["pixel_values"].shape, inputs["image_sizes"].tolist()
+    (torch.Size([1, 3, 3, 32, 32]), [[30, 40]])
+    >>> (inputs["input_ids"] == processor.image_token_id).sum().item()
+    44
+    ```
+    """
+    build, image_size, patch_size, pinpoints = _arguments("llava_next", kwargs)
+    tokenizer = build.tokenizer(words)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = build.processor(
+        LlavaNextProcessor,
+        image_processor,
+        tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by the "default" strategy
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            **build.vision_config(image_size=image_size, patch_size=patch_size),
+            projection_dim=build.shape["vision_hidden_size"],
+        ),
+        text_config=LlamaConfig(**build.text_config(tokenizer)),
+        image_token_id=processor.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    return build.model(LlavaNextForConditionalGeneration, config, tokenizer), processor
+
+
 @register_tiny_family("llava_onevision")
 def build_tiny_llava_onevision(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    image_size: int = 32,
-    patch_size: int = 8,
-    image_grid_pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[LlavaNextBuilderKwargs]
 ) -> tuple[LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor]:
     """
     Build a tiny LLaVA-OneVision (SigLIP tower, Qwen2 decoder, anyres tiling) and its image-only processor, offline.
@@ -203,6 +187,8 @@ def build_tiny_llava_onevision(
     >>> from PIL import Image
     >>> from hf_sparse_mllm.tiny import build_tiny_llava_onevision
     >>> model, processor = build_tiny_llava_onevision(words=["what", "color", "red"])
+    >>> processor.vision_feature_select_strategy, model.config.vision_config.model_type  # no CLS feature to drop
+    ('full', 'siglip_vision_model')
     >>> inputs = processor(text=["<image> what color ?"], images=[Image.new("RGB", (30, 60))], return_tensors="pt")
     >>> inputs["pixel_values"].shape, inputs["batch_num_images"].tolist()
     (torch.Size([1, 3, 3, 32, 32]), [1])
@@ -210,31 +196,25 @@ def build_tiny_llava_onevision(
     56
     ```
     """
-    pinpoints = _check_geometry(image_size, patch_size, image_grid_pinpoints)
-    tokenizer = build_word_tokenizer(
-        words, named_special_tokens={"video_token": VIDEO_TOKEN}, padding_side=padding_side
-    )
+    build, image_size, patch_size, pinpoints = _arguments("llava_onevision", kwargs)
+    tokenizer = build.tokenizer(words, named_special_tokens={"video_token": VIDEO_TOKEN})
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
     )
-    processor = ImageOnlyLlavaOnevisionProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
+    processor = build.processor(
+        ImageOnlyLlavaOnevisionProcessor,
+        image_processor,
+        tokenizer,
         num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="full",  # SigLIP has no CLS feature to drop
-        chat_template=tokenizer.chat_template,
     )
-    shape = TinyShape.of(locals())
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**shape.vision_config(image_size=image_size, patch_size=patch_size)),
-        text_config=Qwen2Config(**shape.text_config(tokenizer)),
+        vision_config=SiglipVisionConfig(**build.vision_config(image_size=image_size, patch_size=patch_size)),
+        text_config=Qwen2Config(**build.text_config(tokenizer)),
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
-    model = init_tiny_model(
-        LlavaOnevisionForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
-    )
-    return model, processor
+    return build.model(LlavaOnevisionForConditionalGeneration, config, tokenizer), processor

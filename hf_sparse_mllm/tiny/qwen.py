@@ -25,6 +25,7 @@ ones hold a torchvision-only video processor (see `register_processor` in `_comm
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from transformers import (
     Qwen2_5_VLConfig,
@@ -39,9 +40,11 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from ._common import TinyShape, init_tiny_model, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, register_processor
 from .registry import register_tiny_family
-from .tokenizer import build_word_tokenizer, make_chat_template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 QWEN_TOKENS = {
     "image_token": "<|image_pad|>",
@@ -50,6 +53,14 @@ QWEN_TOKENS = {
     "vision_end_token": "<|vision_end|>",
 }
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+class QwenBuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of the three Qwen builders: every builder's and the geometry of [`build_tiny_qwen2_vl`]."""
+
+    patch_size: int
+    min_pixels: int
+    max_pixels: int
 
 
 class _ImageOnly:
@@ -102,95 +113,9 @@ _MODELS = {
 }
 
 
-def _vision_config(family: str, shape: TinyShape, patch_size: int) -> dict:
-    shared = dict(
-        depth=shape.vision_layers,
-        num_heads=shape.num_attention_heads,
-        patch_size=patch_size,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    if family == "qwen2_vl":
-        # `hidden_size` is the merger's output width (the decoder's), `embed_dim` the tower's own width.
-        return dict(shared, embed_dim=shape.vision_hidden_size, hidden_size=shape.hidden_size, mlp_ratio=2)
-    shared.update(
-        hidden_size=shape.vision_hidden_size,
-        intermediate_size=2 * shape.vision_hidden_size,
-        out_hidden_size=shape.hidden_size,
-    )
-    if family == "qwen2_5_vl":
-        # Windows of 2 x 2 merged tokens, so window reordering really happens; the last block attends globally.
-        return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[shape.vision_layers - 1])
-    return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
-
-
-def _build(
-    family: str,
-    *,
-    words: Iterable[str],
-    seed: int,
-    padding_side: str,
-    patch_size: int,
-    min_pixels: int,
-    max_pixels: int,
-    attn_implementation: str,
-    **widths: int,
-):
-    shape = TinyShape(**widths)
-    head_dim = shape.hidden_size // shape.num_attention_heads
-    if head_dim % 8:
-        raise ValueError(
-            f"hidden_size // num_attention_heads must be a multiple of 8 for the M-RoPE sections, got "
-            f"hidden_size={shape.hidden_size}, num_attention_heads={shape.num_attention_heads}"
-        )
-    tokenizer = build_word_tokenizer(
-        words,
-        named_special_tokens=QWEN_TOKENS,
-        chat_template=make_chat_template(IMAGE_PLACEHOLDER),
-        padding_side=padding_side,
-    )
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-    )
-    processor = _PROCESSORS[family](
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-    )
-    # M-RoPE splits the head's rotary frequencies (head_dim / 2) into temporal, height and width sections.
-    quarter = head_dim // 8
-    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
-    config_class, model_class = _MODELS[family]
-    config = config_class(
-        text_config=dict(shape.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters),
-        vision_config=_vision_config(family, shape, patch_size),
-        image_token_id=tokenizer.image_token_id,
-        video_token_id=tokenizer.video_token_id,
-        vision_start_token_id=tokenizer.vision_start_token_id,
-        vision_end_token_id=tokenizer.vision_end_token_id,
-        tie_word_embeddings=False,
-    )
-    model = init_tiny_model(model_class, config, tokenizer, seed=seed, attn_implementation=attn_implementation)
-    return model, processor
-
-
 @register_tiny_family("qwen2_vl")
 def build_tiny_qwen2_vl(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    patch_size: int = 8,
-    min_pixels: int = 32 * 32,
-    max_pixels: int = 96 * 96,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
 ) -> tuple[Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor]:
     """
     Build a tiny Qwen2-VL (dynamic-resolution vision tower, M-RoPE decoder) and its image-only processor, offline.
@@ -224,25 +149,12 @@ def build_tiny_qwen2_vl(
     12
     ```
     """
-    return _build("qwen2_vl", **locals())  # the arguments above, as they are
+    return _build("qwen2_vl", words, kwargs)
 
 
 @register_tiny_family("qwen2_5_vl")
 def build_tiny_qwen2_5_vl(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    patch_size: int = 8,
-    min_pixels: int = 32 * 32,
-    max_pixels: int = 96 * 96,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor]:
     """
     Build a tiny Qwen2.5-VL (window-attention vision tower, M-RoPE decoder) and its image-only processor, offline.
@@ -261,25 +173,12 @@ def build_tiny_qwen2_5_vl(
     ([[1, 12, 6]], 32)
     ```
     """
-    return _build("qwen2_5_vl", **locals())  # the arguments above, as they are
+    return _build("qwen2_5_vl", words, kwargs)
 
 
 @register_tiny_family("qwen3_vl")
 def build_tiny_qwen3_vl(
-    *,
-    words: Iterable[str],
-    seed: int = 0,
-    padding_side: str = "right",
-    patch_size: int = 8,
-    min_pixels: int = 32 * 32,
-    max_pixels: int = 96 * 96,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    attn_implementation: str = "sdpa",
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
 ) -> tuple[Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor]:
     """
     Build a tiny Qwen3-VL (vision tower with one deepstack level, interleaved M-RoPE decoder) and its image-only
@@ -300,4 +199,63 @@ def build_tiny_qwen3_vl(
     ([torch.Size([12, 32])], 1)
     ```
     """
-    return _build("qwen3_vl", **locals())  # the arguments above, as they are
+    return _build("qwen3_vl", words, kwargs)
+
+
+def _vision_config(family: str, build: TinyBuild, patch_size: int) -> dict:
+    shape = build.shape
+    shared = dict(
+        depth=shape["vision_layers"],
+        num_heads=shape["num_attention_heads"],
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if family == "qwen2_vl":
+        # `hidden_size` is the merger's output width (the decoder's), `embed_dim` the tower's own width.
+        return dict(shared, embed_dim=shape["vision_hidden_size"], hidden_size=shape["hidden_size"], mlp_ratio=2)
+    shared.update(
+        hidden_size=shape["vision_hidden_size"],
+        intermediate_size=2 * shape["vision_hidden_size"],
+        out_hidden_size=shape["hidden_size"],
+    )
+    if family == "qwen2_5_vl":
+        # Windows of 2 x 2 merged tokens, so window reordering really happens; the last block attends globally.
+        return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[shape["vision_layers"] - 1])
+    return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
+
+
+def _build(family: str, words: Iterable[str], kwargs: QwenBuilderKwargs):
+    build = TinyBuild.of(family, kwargs, QwenBuilderKwargs)
+    patch_size = kwargs.get("patch_size", 8)
+    min_pixels = kwargs.get("min_pixels", 32 * 32)
+    max_pixels = kwargs.get("max_pixels", 96 * 96)
+    hidden_size, num_attention_heads = build.shape["hidden_size"], build.shape["num_attention_heads"]
+    head_dim = hidden_size // num_attention_heads
+    if head_dim % 8:
+        raise ValueError(
+            f"hidden_size // num_attention_heads must be a multiple of 8 for the M-RoPE sections, got "
+            f"hidden_size={hidden_size}, num_attention_heads={num_attention_heads}"
+        )
+    tokenizer = build.tokenizer(words, IMAGE_PLACEHOLDER, named_special_tokens=QWEN_TOKENS)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+    processor = build.processor(_PROCESSORS[family], image_processor, tokenizer)
+    # M-RoPE splits the head's rotary frequencies (head_dim / 2) into temporal, height and width sections.
+    quarter = head_dim // 8
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
+    config_class, model_class = _MODELS[family]
+    config = config_class(
+        text_config=dict(build.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters),
+        vision_config=_vision_config(family, build, patch_size),
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.vision_start_token_id,
+        vision_end_token_id=tokenizer.vision_end_token_id,
+        tie_word_embeddings=False,
+    )
+    return build.model(model_class, config, tokenizer), processor

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from transformers import PreTrainedModel, ProcessorMixin
 
@@ -46,16 +46,21 @@ def list_tiny_families() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def _check_overrides(family: str, builder: TinyBuilder, overrides: Iterable[str]) -> None:
-    parameters = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return  # the builder checks its own keyword arguments
-    allowed = sorted(set(parameters) - {"words", "seed", "padding_side"})
-    unknown = [name for name in overrides if name not in parameters]
+def check_overrides(family: str, overrides: Iterable[str], accepted: Collection[str]) -> None:
+    """Raise a `TypeError` naming the `overrides` of tiny family `family` not `accepted`, each with the closest one."""
+    unknown = [name for name in overrides if name not in accepted]
     if unknown:
+        allowed = sorted(accepted)
         raise TypeError(
             f"Unknown overrides for tiny family {family!r}: {did_you_mean(unknown, allowed)}; allowed: {allowed}."
         )
+
+
+def _check_overrides(family: str, builder: TinyBuilder, overrides: Iterable[str]) -> None:
+    parameters = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # the builder checks its own keyword arguments (this package's, in `TinyBuild.of`)
+    check_overrides(family, overrides, set(parameters) - {"words", "seed", "padding_side"})
 
 
 def build_tiny_model_and_processor(
@@ -71,8 +76,9 @@ def build_tiny_model_and_processor(
 
     Every family's builder takes the arguments below: `words`, `seed`, `padding_side`, and, through `overrides`, the
     widths, depths and attention implementation (the defaults given are every family's but `llava`'s, see
-    [`build_tiny_llava`]). The builders document only their own arguments, the image geometry of their family (e.g.
-    [`build_tiny_qwen2_vl`]).
+    [`build_tiny_llava`]); a builder takes them as `**kwargs` that unpack its family's `TypedDict` (`TinyBuilderKwargs`
+    plus its image geometry). The builders document only their own arguments, the image geometry of their family
+    (e.g. [`build_tiny_qwen2_vl`]).
 
     Args:
         family (`str`):
