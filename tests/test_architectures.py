@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
 from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
-from hf_sparse_mllm.adapters import get_adapter, supported_model_types
+from hf_sparse_mllm.adapters import ArchitectureAdapter, adapter_class, get_adapter, supported_model_types
 from hf_sparse_mllm.compressors import get_compressor
 from hf_sparse_mllm.data.collator import VisionLanguageCollator
 from hf_sparse_mllm.dualspeed import next_token_targets
@@ -26,6 +26,10 @@ from hf_sparse_mllm.sparse_forward import Compression, compress_batch, sparse_ho
 from hf_sparse_mllm.tiny import build_tiny_model_and_processor
 
 FAMILIES = supported_model_types()
+# M-RoPE families: their adapter gives the full sequence's 3-D positions, which kept tokens keep.
+MROPE_FAMILIES = [
+    f for f in FAMILIES if adapter_class(f).full_position_ids is not ArchitectureAdapter.full_position_ids
+]
 WORDS = ["what", "color", "is", "it", "red", "blue", "green"]
 SIZES = [(40, 30), (30, 60)]  # width x height: different aspect ratios, so variable-count families differ
 
@@ -162,7 +166,7 @@ def _checkpoint_keys(folder):
         return set(f.keys())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", MROPE_FAMILIES)
 def test_kept_tokens_keep_their_full_sequence_mrope_positions(family):
     model, _, batch = _model_and_batch(family)
     adapter = get_adapter(model)
@@ -203,7 +207,7 @@ def test_kept_tokens_keep_their_full_sequence_mrope_positions(family):
             assert len(offsets) == max(1, round(0.5 * run.length))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", MROPE_FAMILIES)
 @pytest.mark.parametrize("compressor", [None, "divprune"])
 def test_mrope_without_mm_token_type_ids_is_a_clear_error(tmp_path, family, compressor):
     """Qwen2.5-VL would silently fall back to 1-D positions: the trainer refuses the batch instead."""

@@ -183,6 +183,7 @@ FAMILIES = [
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_vl_moe",
     "idefics3",
     "smolvlm",
     "gemma3",

@@ -62,6 +62,21 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def adapter_class(model_type: str) -> type[ArchitectureAdapter]:
+    """The adapter class registered for `model_type` (a `KeyError` if none is), without building a model.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.adapters import ArchitectureAdapter, adapter_class
+    >>> adapter_class("qwen2_vl").__name__, adapter_class("llava").full_position_ids is ArchitectureAdapter.full_position_ids
+    ('QwenVLAdapter', True)
+
+    ```
+    """
+    return _ADAPTERS[model_type]
+
+
 def has_adapter(model: nn.Module) -> bool:
     return _model_type(model) in _ADAPTERS
 

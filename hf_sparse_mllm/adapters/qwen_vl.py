@@ -1,11 +1,11 @@
-"""`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`: dynamic resolution and M-RoPE.
+"""`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`: dynamic resolution and M-RoPE.
 
 Each image is one run `<|vision_start|> <|image_pad|> x N <|vision_end|>` with `N = t * h * w / merge**2` from
 `image_grid_thw`, one unit on the merged `(h / merge, w / merge)` grid. Features are intercepted at
 `get_image_features(...).pooler_output`, which is in raster order (Qwen2.5-VL's merger works in window order and
 `get_image_features` restores raster order: a hook on the merger would see the wrong order). Positions are 3-D
 (M-RoPE) and computed by the model's own `get_rope_index` on the *full* sequence; kept tokens keep them, and so does
-the text after an image. Qwen3-VL's `deepstack_features` follow the same selection (zeros at the isolator tokens).
+the text after an image. Qwen3-VL's (and Qwen3-VL-MoE's) `deepstack_features` follow the same selection (zeros at the isolator tokens).
 Videos are not compressed.
 """
 
@@ -59,6 +59,6 @@ class QwenVLAdapter(ArchitectureAdapter):
         }
 
 
-@register_adapter("qwen3_vl")
+@register_adapter("qwen3_vl", "qwen3_vl_moe")
 class Qwen3VLAdapter(QwenVLAdapter):
     selected_outputs = ("deepstack_features",)

@@ -1,7 +1,8 @@
-"""Tiny Qwen2-VL (`qwen2_vl`), Qwen2.5-VL (`qwen2_5_vl`) and Qwen3-VL (`qwen3_vl`): dynamic resolution, M-RoPE.
+"""Tiny Qwen2-VL (`qwen2_vl`), Qwen2.5-VL (`qwen2_5_vl`), Qwen3-VL (`qwen3_vl`) and Qwen3-VL-MoE (`qwen3_vl_moe`):
+dynamic resolution, M-RoPE.
 
-Geometry (defaults, all three): 8 px patches merged 2 x 2, so one visual token per 16 x 16 pixels. The image
-processor ([`~transformers.Qwen2VLImageProcessorPil`], shared by the three families) resizes every image to
+Geometry (defaults, all four): 8 px patches merged 2 x 2, so one visual token per 16 x 16 pixels. The image
+processor ([`~transformers.Qwen2VLImageProcessorPil`], shared by the four families) resizes every image to
 multiples of 16 px with between 32 x 32 and 96 x 96 pixels (`min_pixels=1024`, `max_pixels=9216`): 4 to 36
 visual tokens, `t * h * w / 4` from `image_grid_thw` `(images, 3)`, e.g. 12 tokens for a 64 x 48 (width x height)
 image (grid `[1, 6, 8]`) and 18 for 48 x 96 (grid `[1, 12, 6]`). `pixel_values` is 2-D: `(patches, 3 * 2 * 8 * 8)`
@@ -17,6 +18,8 @@ Each image is `<|vision_start|> <|image_pad|> x N <|vision_end|>` in `input_ids`
   raster order.
 - Qwen3-VL's tower has learned position embeddings (an 8 x 8 grid, interpolated) and one deepstack level (after
   vision block 0): `get_image_features` also returns `deepstack_features`, a list over levels of tuples per image.
+- Qwen3-VL-MoE is Qwen3-VL (same tower, deepstack and processor) with a mixture-of-experts decoder: here 4 experts
+  per layer, 2 per token, their weights fused into one `(experts, ...)` parameter per projection.
 
 The processors are image-only subclasses of the stock ones ([`ImageOnlyQwen2VLProcessor`], ...), since the stock
 ones hold a torchvision-only video processor (see `register_processor` in `_common.py`).
@@ -37,6 +40,8 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
 )
 
@@ -56,7 +61,7 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 class QwenBuilderKwargs(TinyBuilderKwargs, total=False):
-    """The keyword arguments of the three Qwen builders: every builder's and the geometry of [`build_tiny_qwen2_vl`]."""
+    """The keyword arguments of the Qwen builders: every builder's and the geometry of [`build_tiny_qwen2_vl`]."""
 
     patch_size: int
     min_pixels: int
@@ -105,12 +110,16 @@ _PROCESSORS = {
     "qwen2_vl": ImageOnlyQwen2VLProcessor,
     "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
     "qwen3_vl": ImageOnlyQwen3VLProcessor,
+    "qwen3_vl_moe": ImageOnlyQwen3VLProcessor,  # the stock `Qwen3VLProcessor` too
 }
 _MODELS = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+    "qwen3_vl_moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
 }
+# The tiny mixture of experts of `qwen3_vl_moe`: every decoder layer sparse, 4 experts, 2 per token.
+_MOE_TEXT = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
 
 
 @register_tiny_family("qwen2_vl")
@@ -202,6 +211,30 @@ def build_tiny_qwen3_vl(
     return _build("qwen3_vl", words, kwargs)
 
 
+@register_tiny_family("qwen3_vl_moe")
+def build_tiny_qwen3_vl_moe(
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
+) -> tuple[Qwen3VLMoeForConditionalGeneration, ImageOnlyQwen3VLProcessor]:
+    """
+    Build a tiny Qwen3-VL-MoE (the vision tower of [`build_tiny_qwen3_vl`], a mixture-of-experts decoder) and its
+    image-only processor (Qwen3-VL's: the stock checkpoints use `Qwen3VLProcessor` too), offline.
+
+    The arguments are those of [`build_tiny_qwen2_vl`]; every decoder layer is sparse, with 4 experts of
+    `intermediate_size` each and 2 experts per token (the router's auxiliary loss is off, as in the stock config).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen3_vl_moe
+    >>> model, processor = build_tiny_qwen3_vl_moe(words=["red"])
+    >>> text = model.config.text_config
+    >>> text.num_experts, text.num_experts_per_tok, type(model.model.language_model.layers[0].mlp).__name__
+    (4, 2, 'Qwen3VLMoeTextSparseMoeBlock')
+    ```
+    """
+    return _build("qwen3_vl_moe", words, kwargs)
+
+
 def _vision_config(family: str, build: TinyBuild, patch_size: int) -> dict:
     shape = build.shape
     shared = dict(
@@ -249,8 +282,9 @@ def _build(family: str, words: Iterable[str], kwargs: QwenBuilderKwargs):
     quarter = head_dim // 8
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
     config_class, model_class = _MODELS[family]
+    moe = dict(_MOE_TEXT, moe_intermediate_size=build.shape["intermediate_size"]) if family.endswith("_moe") else {}
     config = config_class(
-        text_config=dict(build.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters),
+        text_config=dict(build.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters, **moe),
         vision_config=_vision_config(family, build, patch_size),
         image_token_id=tokenizer.image_token_id,
         video_token_id=tokenizer.video_token_id,
