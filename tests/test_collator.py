@@ -184,6 +184,8 @@ FAMILIES = [
     "qwen2_5_vl",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "glm4v",
+    "glm4v_moe",
     "idefics3",
     "smolvlm",
     "gemma3",

@@ -272,7 +272,7 @@ FAMILIES = {
             counts=(12, 18),
             extra_inputs=frozenset({"image_grid_thw", "mm_token_type_ids"}),
         )
-        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
     },
     **{
         family: FamilyCase(

@@ -1,12 +1,14 @@
-"""`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`: dynamic resolution and M-RoPE.
+"""`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, and `glm4v`, `glm4v_moe` (the same layout): dynamic
+resolution and M-RoPE.
 
-Each image is one run `<|vision_start|> <|image_pad|> x N <|vision_end|>` with `N = t * h * w / merge**2` from
+Each image is one run `<|vision_start|> <|image_pad|> x N <|vision_end|>` (GLM-4V:
+`<|begin_of_image|> <|image|> x N <|end_of_image|>`) with `N = t * h * w / merge**2` from
 `image_grid_thw`, one unit on the merged `(h / merge, w / merge)` grid. Features are intercepted at
 `get_image_features(...).pooler_output`, which is in raster order (Qwen2.5-VL's merger works in window order and
 `get_image_features` restores raster order: a hook on the merger would see the wrong order). Positions are 3-D
 (M-RoPE) and computed by the model's own `get_rope_index` on the *full* sequence; kept tokens keep them, and so does
-the text after an image. Qwen3-VL's (and Qwen3-VL-MoE's) `deepstack_features` follow the same selection (zeros at the isolator tokens).
-Videos are not compressed.
+the text after an image (GLM-4V's `get_rope_index` has the same signature). Qwen3-VL's and Qwen3-VL-MoE's
+`deepstack_features` follow the same selection (zeros at the isolator tokens). Videos are not compressed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from .base import ArchitectureAdapter, register_adapter, whole_run_units
 
 
-@register_adapter("qwen2_vl", "qwen2_5_vl")
+@register_adapter("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe")
 class QwenVLAdapter(ArchitectureAdapter):
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size

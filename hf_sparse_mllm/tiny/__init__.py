@@ -25,17 +25,19 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `llava_next` | `llava_next` | 44, 56 | one run per image | `image_sizes` | list per image |
 | `llava_onevision` | `llava_next` | 44, 56 (17 each in a multi-image sample) | one run per image | `image_sizes`, `batch_num_images` | list per image |
 | `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe` | `qwen` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
+| `glm4v`, `glm4v_moe` | `glm` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
 | `idefics3`, `smolvlm` | `idefics` | 80, 48 (100 x 20) | one run of 16 per tile, tiles separated by text | `pixel_attention_mask` | list per batch row |
 | `internvl` | `internvl` | 16, 48 | one run per image, between `<img>` and `</img>` | - | tensor `(tiles, 16, hidden)` |
 | `gemma3` | `gemma` | 16, 16 | one run per image, between start and end tokens | `token_type_ids` | tensor `(images, 16, hidden)` |
 | `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
 
-Processors that hold a video processor in `transformers` (Qwen family, LLaVA-OneVision, SmolVLM, InternVL) are
+Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, SmolVLM, InternVL) are
 replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor needs torchvision.
 Mistral3 is not built: its `PixtralProcessor` cannot even be imported without torchvision.
 """
 
 from .gemma import build_tiny_gemma3, build_tiny_paligemma
+from .glm import GLM_IMAGE_PLACEHOLDER, ImageOnlyGlm4vProcessor, build_tiny_glm4v, build_tiny_glm4v_moe
 from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
 from .internvl import ImageOnlyInternVLProcessor, build_tiny_internvl
 from .llava import (
@@ -60,6 +62,8 @@ from .tokenizer import CHAT_TEMPLATE, build_word_tokenizer, make_chat_template
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "GLM_IMAGE_PLACEHOLDER",
+    "ImageOnlyGlm4vProcessor",
     "ImageOnlyInternVLProcessor",
     "ImageOnlyLlavaOnevisionProcessor",
     "ImageOnlyQwen2VLProcessor",
@@ -69,6 +73,8 @@ __all__ = [
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
     "build_tiny_gemma3",
+    "build_tiny_glm4v",
+    "build_tiny_glm4v_moe",
     "build_tiny_idefics3",
     "build_tiny_internvl",
     "build_tiny_llava",

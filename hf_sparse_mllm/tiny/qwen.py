@@ -27,10 +27,14 @@ ones hold a torchvision-only video processor (see `register_processor` in `_comm
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from transformers import (
+    PreTrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -104,22 +108,6 @@ class ImageOnlyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
 @register_processor
 class ImageOnlyQwen3VLProcessor(_ImageOnly, Qwen3VLProcessor):
     """[`~transformers.Qwen3VLProcessor`] without its video processor (see `_ImageOnly` for an example)."""
-
-
-_PROCESSORS = {
-    "qwen2_vl": ImageOnlyQwen2VLProcessor,
-    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
-    "qwen3_vl": ImageOnlyQwen3VLProcessor,
-    "qwen3_vl_moe": ImageOnlyQwen3VLProcessor,  # the stock `Qwen3VLProcessor` too
-}
-_MODELS = {
-    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
-    "qwen3_vl_moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
-}
-# The tiny mixture of experts of `qwen3_vl_moe`: every decoder layer sparse, 4 experts, 2 per token.
-_MOE_TEXT = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
 
 
 @register_tiny_family("qwen2_vl")
@@ -255,41 +243,132 @@ def _vision_config(family: str, build: TinyBuild, patch_size: int) -> dict:
     if family == "qwen2_5_vl":
         # Windows of 2 x 2 merged tokens, so window reordering really happens; the last block attends globally.
         return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[shape["vision_layers"] - 1])
-    return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    if family.startswith("qwen3_vl"):
+        return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return dict(shared, image_size=8 * patch_size)  # GLM-4V: learned position embeddings on an 8 x 8 grid
+
+
+@dataclass(frozen=True)
+class MRopeFamily:
+    """
+    What distinguishes the tiny builds of the Qwen2-VL-like families (dynamic resolution, `image_grid_thw`,
+    `mm_token_type_ids`, M-RoPE), which [`build_mrope_family`] builds.
+
+    Args:
+        config_class, model_class, processor_class (`type`):
+            The family's config, `*ForConditionalGeneration` and (image-only) processor classes.
+        tokens (`Mapping[str, str]`):
+            The named special tokens (`{"image_token": ..., ...}`); the config gets each one's id as `<name>_id`.
+        placeholder (`str`):
+            What the chat template writes for an image.
+        image_processor_class (`type`, *optional*, defaults to [`~transformers.Qwen2VLImageProcessorPil`]):
+            The PIL image processor, built with `patch_size`, `merge_size=2`, `temporal_patch_size=2`, `size`.
+        frames_in_pixel_limits (`int`, *optional*, defaults to `1`):
+            How many frames the image processor counts in `min_pixels`/`max_pixels` (GLM-4V's counts its two
+            temporal copies of an image).
+        moe (`Mapping[str, int]`, *optional*):
+            Text config fields of a mixture-of-experts decoder; its experts get `intermediate_size`.
+        partial_rotary_factor (`float`, *optional*, defaults to `1.0`):
+            The share of each head that is rotated (GLM-4.5V's stock config: 0.5); the M-RoPE sections split it.
+
+    Example:
+
+    ```python
+    >>> from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    >>> from hf_sparse_mllm.tiny.qwen import IMAGE_PLACEHOLDER, QWEN_TOKENS, MRopeFamily, ImageOnlyQwen2VLProcessor
+    >>> spec = MRopeFamily(Qwen2VLConfig, Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor, QWEN_TOKENS, IMAGE_PLACEHOLDER)
+    >>> spec.frames_in_pixel_limits, spec.moe
+    (1, None)
+    ```
+    """
+
+    config_class: type[PreTrainedConfig]
+    model_class: type[PreTrainedModel]
+    processor_class: type[ProcessorMixin]
+    tokens: Mapping[str, str]
+    placeholder: str
+    image_processor_class: type = Qwen2VLImageProcessorPil
+    frames_in_pixel_limits: int = 1
+    moe: Mapping[str, int] | None = None
+    partial_rotary_factor: float = 1.0
+
+
+_QWEN = {
+    "qwen2_vl": MRopeFamily(
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor, QWEN_TOKENS, IMAGE_PLACEHOLDER
+    ),
+    "qwen2_5_vl": MRopeFamily(
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        ImageOnlyQwen2_5_VLProcessor,
+        QWEN_TOKENS,
+        IMAGE_PLACEHOLDER,
+    ),
+    "qwen3_vl": MRopeFamily(
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor, QWEN_TOKENS, IMAGE_PLACEHOLDER
+    ),
+    # The stock `Qwen3VLProcessor` too; 4 experts in every decoder layer, 2 per token.
+    "qwen3_vl_moe": MRopeFamily(
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        ImageOnlyQwen3VLProcessor,
+        QWEN_TOKENS,
+        IMAGE_PLACEHOLDER,
+        moe=dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1),
+    ),
+}
 
 
 def _build(family: str, words: Iterable[str], kwargs: QwenBuilderKwargs):
+    return build_mrope_family(family, _QWEN[family], words, kwargs)
+
+
+def build_mrope_family(family: str, spec: MRopeFamily, words: Iterable[str], kwargs: QwenBuilderKwargs):
+    """
+    Build the tiny model and processor of the Qwen2-VL-like `family` described by `spec` from a builder's `words`
+    and `kwargs` (see [`build_tiny_qwen2_vl`] for the geometry they set).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny.qwen import _QWEN, build_mrope_family
+    >>> model, processor = build_mrope_family("qwen2_vl", _QWEN["qwen2_vl"], ["red"], {"hidden_size": 16})
+    >>> model.config.text_config.hidden_size, model.config.text_config.rope_parameters["mrope_section"]
+    (16, [2, 1, 1])
+    ```
+    """
     build = TinyBuild.of(family, kwargs, QwenBuilderKwargs)
     patch_size = kwargs.get("patch_size", 8)
-    min_pixels = kwargs.get("min_pixels", 32 * 32)
-    max_pixels = kwargs.get("max_pixels", 96 * 96)
+    frames = spec.frames_in_pixel_limits
+    min_pixels = kwargs.get("min_pixels", 32 * 32) * frames
+    max_pixels = kwargs.get("max_pixels", 96 * 96) * frames
     hidden_size, num_attention_heads = build.shape["hidden_size"], build.shape["num_attention_heads"]
     head_dim = hidden_size // num_attention_heads
-    if head_dim % 8:
+    rotary_dim = int(head_dim * spec.partial_rotary_factor)
+    if rotary_dim % 8:
+        factor = "" if spec.partial_rotary_factor == 1 else f" times {spec.partial_rotary_factor} (its rotary part)"
         raise ValueError(
-            f"hidden_size // num_attention_heads must be a multiple of 8 for the M-RoPE sections, got "
+            f"hidden_size // num_attention_heads{factor} must be a multiple of 8 for the M-RoPE sections, got "
             f"hidden_size={hidden_size}, num_attention_heads={num_attention_heads}"
         )
-    tokenizer = build.tokenizer(words, IMAGE_PLACEHOLDER, named_special_tokens=QWEN_TOKENS)
-    image_processor = Qwen2VLImageProcessorPil(
+    tokenizer = build.tokenizer(words, spec.placeholder, named_special_tokens=spec.tokens)
+    image_processor = spec.image_processor_class(
         patch_size=patch_size,
         merge_size=2,
         temporal_patch_size=2,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
-    processor = build.processor(_PROCESSORS[family], image_processor, tokenizer)
-    # M-RoPE splits the head's rotary frequencies (head_dim / 2) into temporal, height and width sections.
-    quarter = head_dim // 8
+    processor = build.processor(spec.processor_class, image_processor, tokenizer)
+    # M-RoPE splits the head's rotary frequencies (rotary_dim / 2) into temporal, height and width sections.
+    quarter = rotary_dim // 8
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
-    config_class, model_class = _MODELS[family]
-    moe = dict(_MOE_TEXT, moe_intermediate_size=build.shape["intermediate_size"]) if family.endswith("_moe") else {}
-    config = config_class(
+    if spec.partial_rotary_factor != 1:
+        rope_parameters["partial_rotary_factor"] = spec.partial_rotary_factor
+    moe = dict(spec.moe, moe_intermediate_size=build.shape["intermediate_size"]) if spec.moe else {}
+    config = spec.config_class(
         text_config=dict(build.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters, **moe),
         vision_config=_vision_config(family, build, patch_size),
-        image_token_id=tokenizer.image_token_id,
-        video_token_id=tokenizer.video_token_id,
-        vision_start_token_id=tokenizer.vision_start_token_id,
-        vision_end_token_id=tokenizer.vision_end_token_id,
+        **{f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in spec.tokens.items()},
         tie_word_embeddings=False,
     )
-    return build.model(model_class, config, tokenizer), processor
+    return build.model(spec.model_class, config, tokenizer), processor
