@@ -178,6 +178,7 @@ def test_modules_import_without_trl_and_datasets(module, monkeypatch):
 # bidirectional prefix (see hf_sparse_mllm/tiny/gemma.py), so this collator does not build correct PaliGemma batches.
 FAMILIES = [
     "llava",
+    "vipllava",
     "llava_next",
     "llava_onevision",
     "qwen2_vl",

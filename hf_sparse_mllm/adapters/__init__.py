@@ -16,12 +16,13 @@ from .base import (
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
-from .llava import LlavaAdapter
+from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
 __all__ = [
     "ArchitectureAdapter",
+    "FixedGridAdapter",
     "Gemma3Adapter",
     "Idefics3Adapter",
     "InternVLAdapter",
@@ -30,6 +31,7 @@ __all__ = [
     "LlavaOnevisionAdapter",
     "Qwen3VLAdapter",
     "QwenVLAdapter",
+    "VipLlavaAdapter",
     "PlaceholderRun",
     "VisualLayout",
     "VisualUnit",

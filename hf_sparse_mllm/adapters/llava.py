@@ -1,4 +1,5 @@
-"""`llava` (LLaVA-1.5: CLIP-style tower, MLP projector, decoder LM): one run of fixed length per image."""
+"""`llava` (LLaVA-1.5: CLIP-style tower, MLP projector, decoder LM) and `vipllava` (the same, features of several
+tower layers concatenated): one run of fixed length per image."""
 
 from __future__ import annotations
 
@@ -7,31 +8,47 @@ import torch
 from .base import ArchitectureAdapter, register_adapter, whole_run_units
 
 
-@register_adapter("llava")
-class LlavaAdapter(ArchitectureAdapter):
-    """Every image has `(image_size // patch_size) ** 2` visual tokens (one more with the `"full"` feature strategy,
-    whose leading CLS token means the run is not a grid). One unit per image; `cls_attention` applies (CLIP/SigLIP
-    towers with a CLS token)."""
+class FixedGridAdapter(ArchitectureAdapter):
+    """Every image has `(image_size // patch_size) ** 2` visual tokens on a square grid, one more when the CLS feature
+    is kept (the run is then not a grid): one run and one unit per image."""
 
     def _patches_per_side(self) -> int:
         vision = self.config.vision_config
         return vision.image_size // vision.patch_size
 
+    def keeps_cls(self) -> bool:
+        return False
+
     def tokens_per_image(self) -> int:
-        return self._patches_per_side() ** 2 + (self.config.vision_feature_select_strategy == "full")
+        return self._patches_per_side() ** 2 + self.keeps_cls()
 
     def run_lengths(self, inputs: dict) -> list[int]:
         if inputs.get("image_sizes") is not None:
             raise ValueError(
-                "LlavaAdapter handles fixed-size images; `image_sizes` (variable resolution) is not supported."
+                f"{type(self).__name__} handles fixed-size images; `image_sizes` (variable resolution) is not "
+                "supported."
             )
         pixel_values = inputs.get("pixel_values")
         return [] if pixel_values is None else [self.tokens_per_image()] * int(pixel_values.shape[0])
 
     def units(self, inputs, runs):
         side = self._patches_per_side()
-        grid = None if self.config.vision_feature_select_strategy == "full" else (side, side)
+        grid = None if self.keeps_cls() else (side, side)
         return whole_run_units(runs, [grid] * len(runs))
+
+
+@register_adapter("vipllava")
+class VipLlavaAdapter(FixedGridAdapter):
+    """VipLLaVA: the CLS feature is dropped from each of the tower layers whose features it concatenates."""
+
+
+@register_adapter("llava")
+class LlavaAdapter(FixedGridAdapter):
+    """LLaVA: the CLS feature is kept with the `"full"` feature strategy; `cls_attention` applies (CLIP/SigLIP towers
+    with a CLS token)."""
+
+    def keeps_cls(self) -> bool:
+        return self.config.vision_feature_select_strategy == "full"
 
     def _selected_vision_layer(self) -> int:
         """Index of the encoder layer whose output `vision_feature_layer` selects (hidden_states[0] = embeddings)."""

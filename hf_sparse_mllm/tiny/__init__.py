@@ -24,6 +24,7 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `llava` | `llava` | 16, 16 | one run per image | - | list per image |
 | `llava_next` | `llava_next` | 44, 56 | one run per image | `image_sizes` | list per image |
 | `llava_onevision` | `llava_next` | 44, 56 (17 each in a multi-image sample) | one run per image | `image_sizes`, `batch_num_images` | list per image |
+| `vipllava` | `vipllava` | 16, 16 | one run per image | - | tensor `(images, 16, hidden)` |
 | `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe` | `qwen` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
 | `glm4v`, `glm4v_moe` | `glm` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
 | `idefics3`, `smolvlm` | `idefics` | 80, 48 (100 x 20) | one run of 16 per tile, tiles separated by text | `pixel_attention_mask` | list per batch row |
@@ -59,6 +60,7 @@ from .qwen import (
 )
 from .registry import build_tiny_model_and_processor, list_tiny_families, register_tiny_family
 from .tokenizer import CHAT_TEMPLATE, build_word_tokenizer, make_chat_template
+from .vipllava import build_tiny_vipllava
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -89,6 +91,7 @@ __all__ = [
     "build_tiny_qwen3_vl",
     "build_tiny_qwen3_vl_moe",
     "build_tiny_smolvlm",
+    "build_tiny_vipllava",
     "build_word_tokenizer",
     "list_tiny_families",
     "make_chat_template",

@@ -47,6 +47,14 @@ class TinyBuilderKwargs(TinyShape, total=False):
     attn_implementation: str
 
 
+class SquareImageBuilderKwargs(TinyBuilderKwargs, total=False):
+    """The keyword arguments of a builder whose images are resized to one square (PaliGemma, VipLLaVA): every
+    builder's, `image_size` and `patch_size`."""
+
+    image_size: int
+    patch_size: int
+
+
 # Every family's widths and depths but LLaVA's (`build_tiny_llava` has its own).
 DEFAULT_SHAPE: TinyShape = {
     "hidden_size": 32,

@@ -44,7 +44,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import TinyBuild, TinyBuilderKwargs, check_patch_size
+from ._common import SquareImageBuilderKwargs, TinyBuild, check_patch_size
 from .registry import register_tiny_family
 
 if TYPE_CHECKING:
@@ -57,20 +57,11 @@ GEMMA3_TOKENS = {
 }
 
 
-class Gemma3BuilderKwargs(TinyBuilderKwargs, total=False):
+class Gemma3BuilderKwargs(SquareImageBuilderKwargs, total=False):
     """The keyword arguments of [`build_tiny_gemma3`]: every builder's, its image geometry and its sliding window."""
 
-    image_size: int
-    patch_size: int
     mm_tokens_per_image: int
     sliding_window: int
-
-
-class PaliGemmaBuilderKwargs(TinyBuilderKwargs, total=False):
-    """The keyword arguments of [`build_tiny_paligemma`]: every builder's and its image geometry."""
-
-    image_size: int
-    patch_size: int
 
 
 @register_tiny_family("gemma3")
@@ -148,7 +139,7 @@ def build_tiny_gemma3(
 
 @register_tiny_family("paligemma")
 def build_tiny_paligemma(
-    *, words: Iterable[str], **kwargs: Unpack[PaliGemmaBuilderKwargs]
+    *, words: Iterable[str], **kwargs: Unpack[SquareImageBuilderKwargs]
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """
     Build a tiny PaliGemma (SigLIP tower, linear projector, Gemma decoder with a prefix-LM mask) and its processor,
@@ -178,7 +169,7 @@ def build_tiny_paligemma(
     0
     ```
     """
-    build = TinyBuild.of("paligemma", kwargs, PaliGemmaBuilderKwargs)
+    build = TinyBuild.of("paligemma", kwargs, SquareImageBuilderKwargs)
     image_size = kwargs.get("image_size", 32)
     patch_size = kwargs.get("patch_size", 8)
     check_patch_size(image_size, patch_size)
