@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from benchmarks import demo
-from benchmarks.harness import DEMO_PRESETS, accuracy_by_family, curve_steps, dataset_name, format_table
+from benchmarks.harness import DEMO_PRESETS, DemoConfig, accuracy_by_family, curve_steps, dataset_name, format_table
 from hf_sparse_mllm.evaluation import evaluate, get_task
 
 
@@ -224,3 +225,12 @@ def test_batch_collator_leaves_qwen2_vl_batches_to_the_stock_collator():
     for key in stock:
         torch.testing.assert_close(fast[key], stock[key], atol=0, rtol=0, msg=key)
     assert fast["image_grid_thw"].tolist() == [[1, 8, 8]] * 8  # 64 px at 8 px patches: 16 merged tokens
+
+
+def test_committed_demo_results_match_the_default_preset():
+    """benchmarks/results/demo.json, which benchmarks/README.md quotes, was measured with `make demo`'s preset."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo.json"
+    saved = json.loads(path.read_text())
+    assert DemoConfig.from_dict(saved["config"]) == DEMO_PRESETS["default"]
+    runs = saved["runs"]
+    assert runs["sparse"]["accuracy"] / runs["baseline"]["accuracy"] == pytest.approx(saved["accuracy_retained"])
