@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 
 from . import checkpoints, hub, model_parts
@@ -180,6 +181,7 @@ class SparseTrainingMixin:
             # Masked in the batches themselves, so that `Trainer` counts the trained tokens without them.
             self.data_collator = ImageLabelMasking(self.data_collator, self.image_token_id)
         _check_training_arguments(self.args, sparse_config, compute_loss_func=self.compute_loss_func)
+        self._warn_if_zero3_moves_unused_parameters()
         self._plan: StepPlan | None = None
         self._window = (-1, 0)  # (optimizer step, micro-batches seen in it)
         self._sparse_metrics = SparseMetrics()
@@ -210,6 +212,22 @@ class SparseTrainingMixin:
             raise ValueError(
                 f"{type(self).__name__} does not support torch.nn.DataParallel (several GPUs in one process): launch "
                 "one process per GPU with `torchrun --nproc_per_node N` or `accelerate launch`."
+            )
+
+    def _warn_if_zero3_moves_unused_parameters(self) -> None:
+        # DeepSpeed ZeRO-3 (0.19.8) applies a parameter's last gradient again on a step where it gets none
+        # (docs/scaling_out.md, known issue 1); such parameters exist only with skipping or slow steps.
+        unused = []
+        if self.layer_skipping_active:
+            unused.append("the decoder layers a step skips")
+        if self.isolator is not None and self.effective_slow_mode_prob > 0:
+            unused.append("the mode isolator on slow steps")
+        if unused and is_deepspeed_zero3_enabled():
+            logger.warning(
+                "DeepSpeed ZeRO-3 moves a parameter that gets no gradient on a step by its previous gradient (an "
+                "upstream bug, see docs/scaling_out.md): here %s, so this run does not train as the recipe says. "
+                "Use ZeRO-2 or FSDP2 for layer skipping and DualSpeed.",
+                " and ".join(unused),
             )
 
     @staticmethod

@@ -377,3 +377,28 @@ def test_args_are_not_mutated(tmp_path):
     assert args.ddp_find_unused_parameters is None
     trainer = SparseMLLMTrainer(model=model, args=args)
     assert args.ddp_find_unused_parameters is None and trainer.args.ddp_find_unused_parameters is True
+
+
+@pytest.mark.parametrize(
+    "recipe,warned",
+    [
+        (dict(token_compressor=None, layer_skip_policy="fixed", skip_layers=[2]), "the decoder layers a step skips"),
+        (dict(token_compressor="divprune", slow_mode_prob=0.5), "the mode isolator on slow steps"),
+        (dict(token_compressor="divprune", slow_mode_prob=0.0), None),
+    ],
+)
+def test_deepspeed_zero3_with_parameters_left_without_gradient_is_warned(
+    tmp_path, caplog, monkeypatch, recipe, warned
+):
+    """ZeRO-3 re-applies stale gradients to parameters a step does not use (docs/scaling_out.md): never silently."""
+    monkeypatch.setattr("hf_sparse_mllm.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    model, _ = tiny_llava(num_hidden_layers=4)
+    with caplog.at_level(logging.WARNING, logger="hf_sparse_mllm.trainer"):
+        SparseMLLMTrainer(
+            model=model, args=training_args(tmp_path), sparse_config=SparseMLLMConfig(stage="instruction", **recipe)
+        )
+    messages = [r.getMessage() for r in caplog.records if "ZeRO-3" in r.getMessage()]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0]
