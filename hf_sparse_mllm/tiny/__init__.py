@@ -34,7 +34,7 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 
 Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, SmolVLM, InternVL) are
 replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor needs torchvision.
-Mistral3 is not built: its `PixtralProcessor` cannot even be imported without torchvision.
+Mistral3, Aya Vision and LLaVA-NeXT-Video have no builder (nor an adapter) yet.
 """
 
 from .gemma import build_tiny_gemma3, build_tiny_paligemma
