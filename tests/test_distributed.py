@@ -32,7 +32,7 @@ TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "examples" / "accelerate_configs"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
-    not HAS_DEEPSPEED, reason="deepspeed is not installed (`pip install deepspeed`; CI's fresh venv does not have it)"
+    not HAS_DEEPSPEED, reason="deepspeed is not installed (`make install-deepspeed`; `make test-slow` installs it)"
 )
 
 # An upstream bug these tests found (docs/scaling_out.md, "Known issues"); the xfail is strict, so a fix shows.
