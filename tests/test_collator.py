@@ -191,6 +191,7 @@ FAMILIES = [
     "smolvlm",
     "gemma3",
     "internvl",
+    "mistral3",
 ]
 # SmolVLM's processor imports `num2words` (for video prompts) even when it only processes images.
 NEEDS_NUM2WORDS = pytest.mark.skipif(

@@ -18,6 +18,7 @@ from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from .mistral3 import Mistral3Adapter
 from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
+    "Mistral3Adapter",
     "Qwen3VLAdapter",
     "QwenVLAdapter",
     "VipLlavaAdapter",

@@ -31,10 +31,11 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `internvl` | `internvl` | 16, 48 | one run per image, between `<img>` and `</img>` | - | tensor `(tiles, 16, hidden)` |
 | `gemma3` | `gemma` | 16, 16 | one run per image, between start and end tokens | `token_type_ids` | tensor `(images, 16, hidden)` |
 | `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
+| `mistral3` | `mistral3` | 20 (4 x 5), 18 (6 x 3) | one run per image row, separated by `[IMG_BREAK]`, `[IMG_END]` last | `image_sizes` | tuple per image |
 
 Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, SmolVLM, InternVL) are
 replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor needs torchvision.
-Mistral3, Aya Vision and LLaVA-NeXT-Video have no builder (nor an adapter) yet.
+Aya Vision and LLaVA-NeXT-Video have no builder (nor an adapter) yet.
 """
 
 from .gemma import build_tiny_gemma3, build_tiny_paligemma
@@ -49,6 +50,7 @@ from .llava import (
     build_tiny_processor,
 )
 from .llava_next import ImageOnlyLlavaOnevisionProcessor, build_tiny_llava_next, build_tiny_llava_onevision
+from .mistral3 import TinyPixtralProcessor, build_tiny_mistral3
 from .qwen import (
     ImageOnlyQwen2_5_VLProcessor,
     ImageOnlyQwen2VLProcessor,
@@ -74,6 +76,7 @@ __all__ = [
     "ImageOnlySmolVLMProcessor",
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
+    "TinyPixtralProcessor",
     "build_tiny_gemma3",
     "build_tiny_glm4v",
     "build_tiny_glm4v_moe",
@@ -83,6 +86,7 @@ __all__ = [
     "build_tiny_llava_and_processor",
     "build_tiny_llava_next",
     "build_tiny_llava_onevision",
+    "build_tiny_mistral3",
     "build_tiny_model_and_processor",
     "build_tiny_paligemma",
     "build_tiny_processor",
