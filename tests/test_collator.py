@@ -192,6 +192,7 @@ FAMILIES = [
     "gemma3",
     "internvl",
     "mistral3",
+    "aya_vision",
 ]
 # SmolVLM's processor imports `num2words` (for video prompts) even when it only processes images.
 NEEDS_NUM2WORDS = pytest.mark.skipif(

@@ -283,6 +283,7 @@ FAMILIES = {
     },
     "internvl": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 48)),
     "gemma3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16), extra_inputs=frozenset({"token_type_ids"})),
+    "aya_vision": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 48)),
     "mistral3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(20, 18), extra_inputs=frozenset({"image_sizes"})),
     "paligemma": FamilyCase(
         sizes=((40, 30), (30, 60)),

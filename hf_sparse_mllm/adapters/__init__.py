@@ -1,5 +1,6 @@
 """Per-architecture knowledge for compressed training and inference, registered by `config.model_type`."""
 
+from .aya_vision import AyaVisionAdapter
 from .base import (
     ArchitectureAdapter,
     PlaceholderRun,
@@ -14,7 +15,7 @@ from .base import (
     whole_run_units,
 )
 from .gemma3 import Gemma3Adapter
-from .idefics3 import Idefics3Adapter
+from .idefics3 import Idefics3Adapter, PerTileAdapter
 from .internvl import InternVLAdapter
 from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
@@ -23,6 +24,7 @@ from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
 __all__ = [
     "ArchitectureAdapter",
+    "AyaVisionAdapter",
     "FixedGridAdapter",
     "Gemma3Adapter",
     "Idefics3Adapter",
@@ -33,6 +35,7 @@ __all__ = [
     "Mistral3Adapter",
     "Qwen3VLAdapter",
     "QwenVLAdapter",
+    "PerTileAdapter",
     "VipLlavaAdapter",
     "PlaceholderRun",
     "VisualLayout",

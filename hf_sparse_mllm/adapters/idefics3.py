@@ -13,18 +13,33 @@ import torch
 from .base import ArchitectureAdapter, register_adapter
 
 
-@register_adapter("idefics3", "smolvlm")
-class Idefics3Adapter(ArchitectureAdapter):
+class PerTileAdapter(ArchitectureAdapter):
+    """Tiles of `vision_config.image_size` pixels, each one run of `(image_size // patch_size) ** 2 / downsample ** 2`
+    visual tokens on a square grid (Idefics3, SmolVLM, Aya Vision); subclasses give the downsampling factor and how
+    the tiles of `pixel_values` are counted."""
+
+    def downsample_factor(self) -> int:
+        raise NotImplementedError
+
+    def num_tiles(self, pixel_values: torch.Tensor) -> int:
+        return int(pixel_values.shape[0])
+
     def _tokens_per_tile(self) -> int:
         vision = self.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2 // self.config.scale_factor**2
+        return (vision.image_size // vision.patch_size) ** 2 // self.downsample_factor() ** 2
 
     def run_lengths(self, inputs: dict) -> list[int]:
         pixel_values = inputs.get("pixel_values")
-        if pixel_values is None:
-            return []
-        tiles = pixel_values.flatten(0, 1).flatten(1).ne(0).any(1).sum()
-        return [self._tokens_per_tile()] * int(tiles)
+        return [] if pixel_values is None else [self._tokens_per_tile()] * self.num_tiles(pixel_values)
+
+
+@register_adapter("idefics3", "smolvlm")
+class Idefics3Adapter(PerTileAdapter):
+    def downsample_factor(self) -> int:
+        return self.config.scale_factor
+
+    def num_tiles(self, pixel_values: torch.Tensor) -> int:
+        return int(pixel_values.flatten(0, 1).flatten(1).ne(0).any(1).sum())
 
     def dummy_visual_inputs(self) -> dict:
         vision = self.config.vision_config

@@ -29,15 +29,17 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `glm4v`, `glm4v_moe` | `glm` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
 | `idefics3`, `smolvlm` | `idefics` | 80, 48 (100 x 20) | one run of 16 per tile, tiles separated by text | `pixel_attention_mask` | list per batch row |
 | `internvl` | `internvl` | 16, 48 | one run per image, between `<img>` and `</img>` | - | tensor `(tiles, 16, hidden)` |
+| `aya_vision` | `aya_vision` | 16, 48 | one run of 16 per tile, tiles separated by text (`TILE_1`, ..., `TILE_GLOBAL`) | - | tensor `(tiles, 16, hidden)` |
 | `gemma3` | `gemma` | 16, 16 | one run per image, between start and end tokens | `token_type_ids` | tensor `(images, 16, hidden)` |
 | `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
 | `mistral3` | `mistral3` | 20 (4 x 5), 18 (6 x 3) | one run per image row, separated by `[IMG_BREAK]`, `[IMG_END]` last | `image_sizes` | tuple per image |
 
 Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, SmolVLM, InternVL) are
 replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor needs torchvision.
-Aya Vision and LLaVA-NeXT-Video have no builder (nor an adapter) yet.
+LLaVA-NeXT-Video has no builder (nor an adapter) yet.
 """
 
+from .aya_vision import build_tiny_aya_vision
 from .gemma import build_tiny_gemma3, build_tiny_paligemma
 from .glm import GLM_IMAGE_PLACEHOLDER, ImageOnlyGlm4vProcessor, build_tiny_glm4v, build_tiny_glm4v_moe
 from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
@@ -77,6 +79,7 @@ __all__ = [
     "TINY_LLAVA_PRESETS",
     "TinyLlavaPreset",
     "TinyPixtralProcessor",
+    "build_tiny_aya_vision",
     "build_tiny_gemma3",
     "build_tiny_glm4v",
     "build_tiny_glm4v_moe",

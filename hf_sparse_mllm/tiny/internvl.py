@@ -51,6 +51,27 @@ class InternVLBuilderKwargs(TinyBuilderKwargs, total=False):
     max_tiles: int
 
 
+def tiled_geometry(family: str, kwargs: InternVLBuilderKwargs) -> tuple[TinyBuild, int, int, GotOcr2ImageProcessorPil]:
+    """
+    The `TinyBuild` of a tiling builder's `kwargs` (InternVL's, Aya Vision's), its checked tile and patch sizes, and
+    the [`~transformers.GotOcr2ImageProcessorPil`] that splits images into at most `max_tiles` tiles plus a thumbnail.
+    """
+    build = TinyBuild.of(family, kwargs, InternVLBuilderKwargs)
+    image_size, patch_size = kwargs.get("image_size", 32), kwargs.get("patch_size", 4)
+    if image_size % (2 * patch_size):
+        raise ValueError(
+            f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 2), got image_size={image_size}, "
+            f"patch_size={patch_size}"
+        )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=kwargs.get("max_tiles", 4),
+    )
+    return build, image_size, patch_size, image_processor
+
+
 @register_processor
 class ImageOnlyInternVLProcessor(InternVLProcessor):
     """
@@ -113,19 +134,8 @@ def build_tiny_internvl(
     ['<img>', '<IMG_CONTEXT>', '</img>', 'what']
     ```
     """
-    build = TinyBuild.of("internvl", kwargs, InternVLBuilderKwargs)
-    image_size = kwargs.get("image_size", 32)
-    patch_size = kwargs.get("patch_size", 4)
-    max_tiles = kwargs.get("max_tiles", 4)
-    if image_size % (2 * patch_size):
-        raise ValueError(
-            f"image_size must be a multiple of 2 * patch_size (pixel shuffle by 0.5), got image_size={image_size}, "
-            f"patch_size={patch_size}"
-        )
+    build, image_size, patch_size, image_processor = tiled_geometry("internvl", kwargs)
     tokenizer = build.tokenizer(words, INTERNVL_TOKENS["context_image_token"], named_special_tokens=INTERNVL_TOKENS)
-    image_processor = GotOcr2ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
-    )
     image_seq_length = (image_size // patch_size) ** 2 // 4
     processor = build.processor(
         ImageOnlyInternVLProcessor, image_processor, tokenizer, image_seq_length=image_seq_length
