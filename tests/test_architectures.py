@@ -220,7 +220,7 @@ def test_mrope_without_mm_token_type_ids_is_a_clear_error(tmp_path, family, comp
         trainer.training_step(model, batch)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava_next", "llava_next_video", "llava_onevision"])
 def test_two_images_in_a_sample_beside_a_text_only_sample_train(tmp_path, family):
     model, processor = _built(family)
     samples = [_sample(SIZES, "red"), _sample([], "green")]

@@ -180,6 +180,7 @@ FAMILIES = [
     "llava",
     "vipllava",
     "llava_next",
+    "llava_next_video",
     "llava_onevision",
     "qwen2_vl",
     "qwen2_5_vl",

@@ -264,6 +264,9 @@ FAMILIES = {
     "llava": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16)),
     "vipllava": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16)),
     "llava_next": FamilyCase(sizes=((40, 30), (30, 60)), counts=(44, 56), extra_inputs=frozenset({"image_sizes"})),
+    "llava_next_video": FamilyCase(
+        sizes=((40, 30), (30, 60)), counts=(44, 56), extra_inputs=frozenset({"image_sizes"})
+    ),
     "llava_onevision": FamilyCase(
         sizes=((40, 30), (30, 60)), counts=(44, 56), extra_inputs=frozenset({"image_sizes", "batch_num_images"})
     ),

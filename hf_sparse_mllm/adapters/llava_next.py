@@ -1,4 +1,4 @@
-"""`llava_next` and `llava_onevision`: anyres images, one run of variable length per image.
+"""`llava_next`, `llava_next_video` (images only; its videos are not compressed) and `llava_onevision`: anyres images, one run of variable length per image.
 
 An image's features are its base tile (`side x side` patches), then its anyres grid cropped to the image's aspect
 ratio ("unpadded"; OneVision may also scale it down) with one learned `image_newline` feature after every grid row.
@@ -21,7 +21,7 @@ from .base import ArchitectureAdapter, VisualUnit, register_adapter, square_grid
 _NEWLINE = -1.0
 
 
-@register_adapter("llava_next")
+@register_adapter("llava_next", "llava_next_video")
 class LlavaNextAdapter(ArchitectureAdapter):
     def _side(self) -> int:
         vision = self.config.vision_config

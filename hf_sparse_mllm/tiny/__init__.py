@@ -22,7 +22,7 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | family | module | visual tokens | units in `input_ids` | extra processor outputs | `pooler_output` |
 |---|---|---|---|---|---|
 | `llava` | `llava` | 16, 16 | one run per image | - | list per image |
-| `llava_next` | `llava_next` | 44, 56 | one run per image | `image_sizes` | list per image |
+| `llava_next`, `llava_next_video` | `llava_next` | 44, 56 | one run per image | `image_sizes` | list per image |
 | `llava_onevision` | `llava_next` | 44, 56 (17 each in a multi-image sample) | one run per image | `image_sizes`, `batch_num_images` | list per image |
 | `vipllava` | `vipllava` | 16, 16 | one run per image | - | tensor `(images, 16, hidden)` |
 | `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe` | `qwen` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
@@ -34,9 +34,10 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
 | `mistral3` | `mistral3` | 20 (4 x 5), 18 (6 x 3) | one run per image row, separated by `[IMG_BREAK]`, `[IMG_END]` last | `image_sizes` | tuple per image |
 
-Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, SmolVLM, InternVL) are
-replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor needs torchvision.
-LLaVA-NeXT-Video has no builder (nor an adapter) yet.
+Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, LLaVA-NeXT-Video,
+SmolVLM, InternVL) are replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor
+needs torchvision. Mistral3's `PixtralProcessor` needs torchvision too; its builder has `TinyPixtralProcessor`, the
+same placeholder expansion. Every family with an adapter has a builder.
 """
 
 from .aya_vision import build_tiny_aya_vision
@@ -51,7 +52,13 @@ from .llava import (
     build_tiny_llava_and_processor,
     build_tiny_processor,
 )
-from .llava_next import ImageOnlyLlavaOnevisionProcessor, build_tiny_llava_next, build_tiny_llava_onevision
+from .llava_next import (
+    ImageOnlyLlavaNextVideoProcessor,
+    ImageOnlyLlavaOnevisionProcessor,
+    build_tiny_llava_next,
+    build_tiny_llava_next_video,
+    build_tiny_llava_onevision,
+)
 from .mistral3 import TinyPixtralProcessor, build_tiny_mistral3
 from .qwen import (
     ImageOnlyQwen2_5_VLProcessor,
@@ -71,6 +78,7 @@ __all__ = [
     "GLM_IMAGE_PLACEHOLDER",
     "ImageOnlyGlm4vProcessor",
     "ImageOnlyInternVLProcessor",
+    "ImageOnlyLlavaNextVideoProcessor",
     "ImageOnlyLlavaOnevisionProcessor",
     "ImageOnlyQwen2VLProcessor",
     "ImageOnlyQwen2_5_VLProcessor",
@@ -88,6 +96,7 @@ __all__ = [
     "build_tiny_llava",
     "build_tiny_llava_and_processor",
     "build_tiny_llava_next",
+    "build_tiny_llava_next_video",
     "build_tiny_llava_onevision",
     "build_tiny_mistral3",
     "build_tiny_model_and_processor",

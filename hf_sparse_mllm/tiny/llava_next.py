@@ -10,6 +10,8 @@ from OneVision's SigLIP tower).
 
 - LLaVA-NeXT: CLIP tower, Llama decoder, [`~transformers.LlavaNextImageProcessorPil`]. The processor returns
   `pixel_values` and `image_sizes` `(images, 2)` (height, width).
+- LLaVA-NeXT-Video (`llava_next_video`, images only): LLaVA-NeXT's model and image processor with a `<video>`
+  token, and [`ImageOnlyLlavaNextVideoProcessor`]; images give the same tokens as LLaVA-NeXT's.
 - LLaVA-OneVision: SigLIP tower, Qwen2 decoder, [`~transformers.LlavaOnevisionImageProcessorPil`], and
   [`ImageOnlyLlavaOnevisionProcessor`] (the stock processor without its torchvision-only video processor, see
   `register_processor` in `_common.py`). It also returns `batch_num_images` `(samples,)`; a sample with several
@@ -31,10 +33,14 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
+    ProcessorMixin,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -99,6 +105,50 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         )
 
 
+@register_processor
+class ImageOnlyLlavaNextVideoProcessor(LlavaNextVideoProcessor):
+    """
+    [`~transformers.LlavaNextVideoProcessor`] without its video processor (see `register_processor`).
+
+    The stock `__init__` hands its sub-processors to `ProcessorMixin.__init__` positionally as `(video_processor,
+    image_processor, tokenizer)`, which pairs them with the class's attributes in order: without `video_processor`
+    they would shift (the image processor taken for the tokenizer), so this `__init__` sets the stock attributes
+    itself and calls `ProcessorMixin.__init__` with the two it has.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_llava_next_video
+    >>> _, processor = build_tiny_llava_next_video(words=["red"])
+    >>> type(processor).__name__, processor.get_attributes()
+    ('ImageOnlyLlavaNextVideoProcessor', ['image_processor', 'tokenizer'])
+    >>> type(processor.image_processor).__name__, processor.video_token, processor.patch_size
+    ('LlavaNextImageProcessorPil', '<video>', 8)
+    ```
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        video_token=VIDEO_TOKEN,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+        **kwargs,
+    ):
+        self.patch_size = patch_size
+        self.num_additional_image_tokens = num_additional_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = getattr(tokenizer, "image_token", image_token)
+        self.video_token = getattr(tokenizer, "video_token", video_token)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
 def _arguments(family: str, kwargs: LlavaNextBuilderKwargs) -> tuple[TinyBuild, int, int, list[list[int]]]:
     """The `TinyBuild` of a builder's `kwargs` and its checked geometry: image size, patch size, grid pinpoints."""
     build = TinyBuild.of(family, kwargs, LlavaNextBuilderKwargs)
@@ -142,15 +192,21 @@ def build_tiny_llava_next(
     44
     ```
     """
-    build, image_size, patch_size, pinpoints = _arguments("llava_next", kwargs)
-    tokenizer = build.tokenizer(words)
+    return _build_clip_anyres("llava_next", words, kwargs)
+
+
+def _build_clip_anyres(family: str, words: Iterable[str], kwargs: LlavaNextBuilderKwargs):
+    """LLaVA-NeXT's build (CLIP tower, Llama decoder, anyres tiling), shared with LLaVA-NeXT-Video."""
+    video = family == "llava_next_video"
+    build, image_size, patch_size, pinpoints = _arguments(family, kwargs)
+    tokenizer = build.tokenizer(words, named_special_tokens={"video_token": VIDEO_TOKEN} if video else None)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
     processor = build.processor(
-        LlavaNextProcessor,
+        ImageOnlyLlavaNextVideoProcessor if video else LlavaNextProcessor,
         image_processor,
         tokenizer,
         patch_size=patch_size,
@@ -158,7 +214,13 @@ def build_tiny_llava_next(
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by the "default" strategy
     )
-    config = LlavaNextConfig(
+    config_class, model_class = (
+        (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration)
+        if video
+        else (LlavaNextConfig, LlavaNextForConditionalGeneration)
+    )
+    extra = {"video_token_id": processor.video_token_id} if video else {}
+    config = config_class(
         vision_config=CLIPVisionConfig(
             **build.vision_config(image_size=image_size, patch_size=patch_size),
             projection_dim=build.shape["vision_hidden_size"],
@@ -168,8 +230,34 @@ def build_tiny_llava_next(
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
+        **extra,
     )
-    return build.model(LlavaNextForConditionalGeneration, config, tokenizer), processor
+    return build.model(model_class, config, tokenizer), processor
+
+
+@register_tiny_family("llava_next_video")
+def build_tiny_llava_next_video(
+    *, words: Iterable[str], **kwargs: Unpack[LlavaNextBuilderKwargs]
+) -> tuple[LlavaNextVideoForConditionalGeneration, ImageOnlyLlavaNextVideoProcessor]:
+    """
+    Build a tiny LLaVA-NeXT-Video (LLaVA-NeXT's CLIP tower, Llama decoder and anyres tiling; images only) and its
+    image-only processor, offline.
+
+    The arguments are those of [`build_tiny_llava_next`]; images give the same visual tokens as LLaVA-NeXT's.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import build_tiny_model_and_processor
+    >>> model, processor = build_tiny_model_and_processor("llava_next_video", words=["red"])
+    >>> wide = Image.new("RGB", (40, 30))
+    >>> inputs = processor(text=["<image> red"], images=[wide], return_tensors="pt")
+    >>> inputs["image_sizes"].tolist(), (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    ([[30, 40]], 44)
+    ```
+    """
+    return _build_clip_anyres("llava_next_video", words, kwargs)
 
 
 @register_tiny_family("llava_onevision")
