@@ -220,6 +220,23 @@ def test_mrope_without_mm_token_type_ids_is_a_clear_error(tmp_path, family, comp
         trainer.training_step(model, batch)
 
 
+@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
+def test_glm_video_frames_written_with_the_image_placeholder_are_left_uncompressed(family):
+    """GLM-4V's processor writes a video frame as image placeholders marked 2 in `mm_token_type_ids`."""
+    model, _, batch = _model_and_batch(family)
+    rows, image_token = batch["input_ids"].shape[0], model.config.image_token_id
+    frame = {"input_ids": torch.full((rows, 6), image_token), "mm_token_type_ids": torch.full((rows, 6), 2)}
+    inputs = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        inputs[key] = torch.cat([batch[key], frame.get(key, torch.ones(rows, 6, dtype=batch[key].dtype))], dim=1)
+    inputs["labels"] = torch.cat([batch["labels"], torch.full((rows, 6), -100)], dim=1)
+    inputs["video_grid_thw"] = torch.tensor([[1, 4, 6]] * rows)  # one frame of 2 x 3 merged patches per row
+    adapter = get_adapter(model)
+    assert adapter.layout(inputs).runs == adapter.layout(batch).runs  # the images only
+    short = compress_batch(adapter, inputs, Compression(get_compressor("divprune"), keep_ratio=0.25))
+    assert ((short.inputs["mm_token_type_ids"] == 2) & (short.inputs["input_ids"] == image_token)).sum() == 6 * rows
+
+
 @pytest.mark.parametrize("family", ["llava_next", "llava_next_video", "llava_onevision"])
 def test_two_images_in_a_sample_beside_a_text_only_sample_train(tmp_path, family):
     model, processor = _built(family)

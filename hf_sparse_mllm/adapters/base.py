@@ -241,15 +241,15 @@ class ArchitectureAdapter:
         """The batch's [`VisualLayout`], checked against its images: a mismatch is a `ValueError` naming the rows."""
         return self.make_layout(inputs, self.run_lengths(inputs), self.units)
 
+    def placeholder_mask(self, inputs: dict) -> torch.Tensor:
+        """`(batch, seq)`: where the batch's image placeholders are (default: `input_ids == image_token_id`)."""
+        return inputs["input_ids"] == self.image_token_id
+
     def make_layout(self, inputs: dict, lengths: list[int] | None, units_of) -> VisualLayout:
         """Cut the placeholder spans into runs of `lengths` (the spans themselves when `None`) and divide them into
         units with `units_of(inputs, runs)`."""
-        input_ids = inputs["input_ids"]
-        spans = [
-            (row, start, length)
-            for row in range(input_ids.shape[0])
-            for start, length in _true_runs(input_ids[row] == self.image_token_id)
-        ]
+        mask = self.placeholder_mask(inputs)
+        spans = [(row, start, length) for row in range(mask.shape[0]) for start, length in _true_runs(mask[row])]
         if lengths is None:
             lengths = [length for _, _, length in spans]
         runs = _split_spans(spans, lengths, self.image_token_id)

@@ -18,7 +18,7 @@ import torch
 from .base import ArchitectureAdapter, register_adapter, whole_run_units
 
 
-@register_adapter("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe")
+@register_adapter("qwen2_vl", "qwen2_5_vl")
 class QwenVLAdapter(ArchitectureAdapter):
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
@@ -64,3 +64,14 @@ class QwenVLAdapter(ArchitectureAdapter):
 @register_adapter("qwen3_vl", "qwen3_vl_moe")
 class Qwen3VLAdapter(QwenVLAdapter):
     selected_outputs = ("deepstack_features",)
+
+
+@register_adapter("glm4v", "glm4v_moe")
+class Glm4vAdapter(QwenVLAdapter):
+    """GLM-4V writes video frames with the image placeholder too, marked 2 in `mm_token_type_ids` (images: 1): only
+    the image ones are runs, the video tokens pass through uncompressed."""
+
+    def placeholder_mask(self, inputs: dict) -> torch.Tensor:
+        mask = super().placeholder_mask(inputs)
+        types = inputs.get("mm_token_type_ids")
+        return mask if types is None else mask & (types == 1).to(mask.device)
