@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -145,7 +145,15 @@ def _suggest_fields_for_unknown_arguments(cls):
 
 
 # `from_pretrained`'s keyword arguments for `cached_file`; the others are recipe fields.
-_HUB_ARGUMENTS = ("cache_dir", "force_download", "token", "revision", "local_files_only", "subfolder")
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+# `PushToHubMixin.push_to_hub`'s keyword arguments: the first five apply to a recipe, the last two (weights) do not.
+_PUSH_ARGUMENTS = ("private", "token", "revision", "create_pr", "commit_description", "max_shard_size", "tags")
+
+
+def _refuse_unknown(method: str, given: Iterable[str], known: Collection[str]) -> None:
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        raise TypeError(f"{method} got unexpected keyword arguments {did_you_mean(unknown, known)}.")
 
 
 @_suggest_fields_for_unknown_arguments
@@ -371,10 +379,11 @@ class SparseMLLMConfig(PushToHubMixin):
         Unlike `PushToHubMixin.push_to_hub` this writes no `README.md`, so it can add the recipe to a model repo.
         Uses the Hub client and commit path of `transformers` (`hf_api()`, `_upload_modified_files`). Of that
         method's keyword arguments, `private`, `token`, `revision`, `create_pr` and `commit_description` apply; the
-        ones for weights (`max_shard_size`, `tags`) do not.
+        ones for weights (`max_shard_size`, `tags`) are accepted and ignored; any other name is a `TypeError`.
         """
         from transformers.utils.hub import hf_api
 
+        _refuse_unknown("SparseMLLMConfig.push_to_hub", kwargs, _PUSH_ARGUMENTS)
         token = kwargs.get("token")
         repo_id = hf_api().create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
         upload = {name: kwargs[name] for name in ("revision", "create_pr", "commit_description") if name in kwargs}
@@ -395,9 +404,11 @@ class SparseMLLMConfig(PushToHubMixin):
 
         A folder or repo without that file but whose `config.json` carries the recipe under `sparse_mllm` (written
         by [`SparseMLLMTrainer`] on every save) is read from there. As in `PreTrainedConfig.from_pretrained`, the
-        keyword arguments `cache_dir`, `force_download`, `token`, `revision`, `local_files_only` and `subfolder` go
-        to `transformers.utils.hub.cached_file`; the others replace loaded values (field names only).
+        keyword arguments `cache_dir`, `force_download`, `proxies`, `token`, `revision`, `local_files_only` and
+        `subfolder` go to `transformers.utils.hub.cached_file`; the others replace loaded values (field names only).
+        Any other name is a `TypeError` before anything is downloaded.
         """
+        _refuse_unknown("SparseMLLMConfig.from_pretrained", kwargs, [*_HUB_ARGUMENTS, *(f.name for f in fields(cls))])
         hub_kwargs = {name: kwargs.pop(name) for name in _HUB_ARGUMENTS if name in kwargs}
         hub_kwargs["_raise_exceptions_for_missing_entries"] = False
         path = cached_file(pretrained_model_name_or_path, SPARSE_CONFIG_NAME, **hub_kwargs)

@@ -181,6 +181,8 @@ def test_loading_passes_hub_arguments_to_cached_file(tmp_path):
     assert loaded == SparseMLLMConfig(keep_ratio=0.5, seed=3)
     with pytest.raises(OSError, match="has no sparse_mllm_config.json"):
         SparseMLLMConfig.from_pretrained(tmp_path, subfolder="elsewhere", local_files_only=True)
+    with pytest.raises(TypeError, match="'revison' \\(did you mean 'revision'\\?\\)"):
+        SparseMLLMConfig.from_pretrained("org/never-downloaded", revison="dev")
 
 
 # ---- layer skipping: one rule for protect_layers, no setting that never skips ------------------------------------

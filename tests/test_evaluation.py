@@ -512,3 +512,11 @@ def test_task_dataclass_checks():
         Task(name="x", doc_to_visual=list, doc_to_text=str, doc_to_target=str, process_results=dict, aggregation={})
     with pytest.raises(TypeError, match="Unknown Task fields"):
         get_task("gqa", max_tokens=3)
+
+
+def test_evaluate_task_refuses_an_unknown_compression_argument_before_loading_anything():
+    from hf_sparse_mllm.evaluation.evaluator import evaluate_task
+
+    task = get_task("sparse_vqa", dataset_path="/nonexistent/never-loaded")
+    with pytest.raises(TypeError, match="keep_ration"):
+        evaluate_task(None, None, task, token_compressor="divprune", keep_ration=0.25)

@@ -273,6 +273,9 @@ def test_sparse_config_push_to_hub_uploads_only_its_file(tmp_path, fake_hub):
     config.push_to_hub("org/recipe", revision="dev", commit_message="Recipe v2", max_shard_size="1GB")
     assert fake_hub.repos["org/recipe"]["branches"] == {"dev"}
     assert fake_hub.commits[-1]["revision"] == "dev" and fake_hub.commits[-1]["message"] == "Recipe v2"
+    with pytest.raises(TypeError, match="'privte' \\(did you mean 'private'\\?\\)"):
+        config.push_to_hub("org/recipe-3", privte=True)
+    assert "org/recipe-3" not in fake_hub.repos
 
 
 # ---- export and loading without this package ---------------------------------------------------------------------

@@ -82,7 +82,7 @@ class PoolCompressor(TokenCompressor):
         stride = pool_stride(keep_ratio)
         return math.ceil(rows / stride) * math.ceil(cols / stride)
 
-    def check_num_keep(self, num_keep: int, num_tokens: int, grid_size: tuple[int, int] | None) -> None:
+    def check_achievable(self, num_keep: int, num_tokens: int, grid_size: tuple[int, int] | None) -> None:
         self._window(*resolve_grid_size(num_tokens, grid_size), num_keep, argument="num_keep")
 
     def describe_budget(self, keep_ratio: float = 1.0, num_keep: int | None = None) -> str:

@@ -140,17 +140,17 @@ class TokenCompressor:
         num_tokens = check_num_tokens(num_tokens)
         if num_keep is not None:
             num_keep = check_num_keep(num_keep, num_tokens)
-            self.check_num_keep(num_keep, num_tokens, grid_size)
+            self.check_achievable(num_keep, num_tokens, grid_size)
             return num_keep
         check_keep_ratio(keep_ratio)
         return self.budget_from_ratio(num_tokens, keep_ratio, grid_size)
 
     def budget_from_ratio(self, num_tokens: int, keep_ratio: float, grid_size: tuple[int, int] | None) -> int:
         """The budget of a validated `keep_ratio`: `max(1, round(keep_ratio * num_tokens))`. A method whose
-        achievable budgets differ (such as `pool`'s pooled grids) overrides it and [`~TokenCompressor.check_num_keep`]."""
+        achievable budgets differ (such as `pool`'s pooled grids) overrides it and [`~TokenCompressor.check_achievable`]."""
         return max(1, round(keep_ratio * num_tokens))
 
-    def check_num_keep(self, num_keep: int, num_tokens: int, grid_size: tuple[int, int] | None) -> None:
+    def check_achievable(self, num_keep: int, num_tokens: int, grid_size: tuple[int, int] | None) -> None:
         """Raise `ValueError` if the method cannot keep exactly `num_keep` of `num_tokens` tokens (already checked to be
         in [1, num_tokens]); every such budget is achievable by default."""
 

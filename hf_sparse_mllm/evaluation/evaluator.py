@@ -159,6 +159,9 @@ def evaluate_task(
     task's loaded samples) and `n_original` skip loading them again when the caller already has them; `stats`
     accumulates the visual tokens seen (see [`generate_from_prompts`]).
     """
+    unknown = set(compression) - {"token_compressor", "keep_ratio", "num_keep"}
+    if unknown:
+        raise TypeError(f"evaluate_task got unexpected keyword arguments {sorted(unknown)}.")
     start = time.perf_counter()
     if docs is None:
         docs, n_original = task.load_with_size(limit)
