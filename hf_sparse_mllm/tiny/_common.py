@@ -3,6 +3,7 @@ processor registration."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypedDict
@@ -20,6 +21,12 @@ from transformers import (
 
 from .registry import check_overrides
 from .tokenizer import IMAGE_TOKEN, build_word_tokenizer, make_chat_template
+
+# The builders' `**kwargs: Unpack[...]` annotations resolve at run time too (`typing.get_type_hints`, doc tools).
+if sys.version_info >= (3, 11):
+    from typing import Unpack as Unpack
+else:
+    from typing_extensions import Unpack as Unpack
 
 
 class TinyShape(TypedDict, total=False):

@@ -16,7 +16,6 @@ are plain text (here the words `tile`, `_`, `global` and a digit). So every tile
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     AyaVisionConfig,
@@ -26,12 +25,10 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from ._common import Unpack
 from .internvl import InternVLBuilderKwargs, tiled_geometry
 from .registry import register_tiny_family
 from .tokenizer import IMAGE_TOKEN
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 AYA_VISION_TOKENS = {
     "start_of_img_token": "<|START_OF_IMG|>",

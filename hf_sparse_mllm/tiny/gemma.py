@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     Gemma3Config,
@@ -44,11 +43,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import SquareImageBuilderKwargs, TinyBuild, check_patch_size
+from ._common import SquareImageBuilderKwargs, TinyBuild, Unpack, check_patch_size
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 GEMMA3_TOKENS = {
     "boi_token": "<start_of_image>",

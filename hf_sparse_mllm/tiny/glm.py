@@ -24,7 +24,6 @@ families use it), since the stock one holds a torchvision-only video processor (
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     Glm4vConfig,
@@ -35,12 +34,9 @@ from transformers import (
     Glm4vProcessor,
 )
 
-from ._common import register_processor
+from ._common import Unpack, register_processor
 from .qwen import MRopeFamily, QwenBuilderKwargs, _ImageOnly, build_mrope_family
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 GLM_TOKENS = {
     "image_token": "<|image|>",

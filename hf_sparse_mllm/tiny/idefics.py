@@ -23,7 +23,6 @@ images; [`ImageOnlySmolVLMProcessor`] drops the video processor (see `register_p
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     Idefics3Config,
@@ -38,11 +37,8 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from ._common import TinyBuild, TinyBuilderKwargs, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, Unpack, register_processor
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 # The processors look these up by name; 6 x 6 is the most tiles their prompts number.
 IDEFICS_TOKENS = {

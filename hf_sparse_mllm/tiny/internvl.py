@@ -18,7 +18,6 @@ from the placeholder counts. `get_image_features(...).pooler_output` is a tensor
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     GotOcr2ImageProcessorPil,
@@ -29,11 +28,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from ._common import TinyBuild, TinyBuilderKwargs, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, Unpack, register_processor
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 INTERNVL_TOKENS = {
     "start_image_token": "<img>",

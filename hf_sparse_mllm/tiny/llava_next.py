@@ -24,7 +24,6 @@ the projector, then unpadded and given its newline rows.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from transformers import (
     CLIPVisionConfig,
@@ -45,12 +44,9 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import TinyBuild, TinyBuilderKwargs, check_patch_size, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, Unpack, check_patch_size, register_processor
 from .registry import register_tiny_family
 from .tokenizer import IMAGE_TOKEN
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 VIDEO_TOKEN = "<video>"
 DEFAULT_PINPOINTS = ((32, 64), (64, 32))

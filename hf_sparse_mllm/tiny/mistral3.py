@@ -20,7 +20,6 @@ one expands the placeholders the same way over [`~transformers.PixtralImageProce
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     Mistral3Config,
@@ -31,11 +30,8 @@ from transformers import (
     ProcessorMixin,
 )
 
-from ._common import TinyBuild, TinyBuilderKwargs, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, Unpack, register_processor
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 MISTRAL3_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from transformers import (
     PreTrainedConfig,
@@ -49,11 +48,8 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from ._common import TinyBuild, TinyBuilderKwargs, register_processor
+from ._common import TinyBuild, TinyBuilderKwargs, Unpack, register_processor
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 QWEN_TOKENS = {
     "image_token": "<|image_pad|>",

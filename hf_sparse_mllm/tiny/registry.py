@@ -19,7 +19,9 @@ def register_tiny_family(family: str) -> Callable[[TinyBuilder], TinyBuilder]:
     Function decorator that registers a tiny builder under `family` (the model's `model_type`).
 
     A builder takes keyword-only `words`, `seed` and `padding_side` (plus any shape arguments of its own) and returns
-    `(model, processor)`.
+    `(model, processor)`. Unknown names passed to [`build_tiny_model_and_processor`] are refused from the builder's
+    signature; a builder that takes `**kwargs` (as the built-in ones do, `Unpack`ing a `TypedDict` checked by
+    `TinyBuild.of`) must check its own.
 
     Example:
 

@@ -10,7 +10,6 @@ without its CLS feature. `get_image_features(...).pooler_output` is a tensor `(i
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from transformers import (
     CLIPVisionConfig,
@@ -20,12 +19,9 @@ from transformers import (
     VipLlavaForConditionalGeneration,
 )
 
-from ._common import SquareImageBuilderKwargs, TinyBuild
+from ._common import SquareImageBuilderKwargs, TinyBuild, Unpack
 from .llava import build_tiny_processor
 from .registry import register_tiny_family
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 
 @register_tiny_family("vipllava")
