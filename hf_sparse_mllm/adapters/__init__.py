@@ -20,24 +20,25 @@ from .internvl import InternVLAdapter
 from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .mistral3 import Mistral3Adapter
-from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
+from .qwen_vl import Glm4vAdapter, Qwen3VLAdapter, QwenVLAdapter
 
 __all__ = [
     "ArchitectureAdapter",
     "AyaVisionAdapter",
     "FixedGridAdapter",
     "Gemma3Adapter",
+    "Glm4vAdapter",
     "Idefics3Adapter",
     "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "Mistral3Adapter",
+    "PerTileAdapter",
+    "PlaceholderRun",
     "Qwen3VLAdapter",
     "QwenVLAdapter",
-    "PerTileAdapter",
     "VipLlavaAdapter",
-    "PlaceholderRun",
     "VisualLayout",
     "VisualUnit",
     "adapter_class",

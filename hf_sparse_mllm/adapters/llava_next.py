@@ -1,4 +1,5 @@
-"""`llava_next`, `llava_next_video` (images only; its videos are not compressed) and `llava_onevision`: anyres images, one run of variable length per image.
+"""`llava_next`, `llava_next_video` (images only; its videos are not compressed) and `llava_onevision`: anyres
+images, one run of variable length per image.
 
 An image's features are its base tile (`side x side` patches), then its anyres grid cropped to the image's aspect
 ratio ("unpadded"; OneVision may also scale it down) with one learned `image_newline` feature after every grid row.
