@@ -5,7 +5,7 @@ Before the forward, [`compress_batch`] shortens every placeholder run of the bat
 `round(keep_ratio * N_u)` or `num_keep` capped at `N_u`, plus the mode-isolator tokens) and gathers every per-token
 tensor with it. During the forward, [`sparse_hooks`] intercepts the projected features where the adapter says they
 come out, selects the kept tokens unit by unit (units with the same size, grid and budget in one batched call),
-prepends the isolator to each run and hands the model exactly as many features as there are placeholders left. For
+prepends the isolator to each run (or those the adapter's `isolator_runs` marks) and hands the model exactly as many features as there are placeholders left. For
 M-RoPE models the kept tokens get their positions in the full sequence, gathered after the selection.
 
 ```python
@@ -56,7 +56,8 @@ class Compression:
         keep_ratio (`float`, *optional*, defaults to `1.0`): fraction kept per visual unit.
         num_keep (`int`, *optional*): tokens kept per unit (capped at the unit's size); overrides `keep_ratio`.
         seed (`int`, *optional*, defaults to `0`): seed of the generator handed to stochastic compressors.
-        isolator (`nn.Module`, *optional*): the mode isolator, prepended to every run's kept tokens (fast mode).
+        isolator (`nn.Module`, *optional*): the mode isolator, prepended to the kept tokens of every run the
+            adapter's `isolator_runs` marks (fast mode).
     """
 
     compressor: TokenCompressor
@@ -91,7 +92,7 @@ class CompressedBatch:
         layout ([`~hf_sparse_mllm.adapters.VisualLayout`]): the original batch's visual tokens.
         budgets (`list[int]`): tokens kept per unit of the layout.
         kept (`list[int]`): visual tokens kept per run, without the isolator.
-        num_isolator_tokens (`int`): isolator tokens at the start of every run.
+        isolators (`list[int]`): isolator tokens at the start of each run (the adapter's `isolator_runs`).
         index_map (`torch.LongTensor`): `(batch, new_seq)`, for every token of the shortened batch the position in the
             original row it stands for (`-1` for padding); the slots of a run all point at its first placeholder.
         run_slots (`list[tuple[int, int]]`): per run, its row and the position of its first slot in the shortened row.
@@ -103,7 +104,7 @@ class CompressedBatch:
     layout: VisualLayout
     budgets: list[int]
     kept: list[int]
-    num_isolator_tokens: int
+    isolators: list[int]
     index_map: torch.Tensor
     run_slots: list[tuple[int, int]]
     full_position_ids: torch.Tensor | None = None
@@ -118,10 +119,8 @@ class CompressedBatch:
         isolator tokens take the position of their run's first patch. `selection` defaults to the forward's."""
         selection = self.selection if selection is None else selection
         index = self.index_map.clone()
-        for run, (row, slot), offsets in zip(self.layout.runs, self.run_slots, selection):
-            index[row, slot + self.num_isolator_tokens : slot + self.num_isolator_tokens + len(offsets)] = (
-                run.start + offsets.to(index.device)
-            )
+        for run, (row, slot), iso, offsets in zip(self.layout.runs, self.run_slots, self.isolators, selection):
+            index[row, slot + iso : slot + iso + len(offsets)] = run.start + offsets.to(index.device)
         full = self.full_position_ids
         gathered = full.gather(2, index.clamp(min=0).to(full.device).unsqueeze(0).expand(full.shape[0], -1, -1))
         return gathered.masked_fill((index < 0).to(full.device).unsqueeze(0), 0)
@@ -145,9 +144,13 @@ def compress_batch(
     full_positions = inputs.get("position_ids")
     if full_positions is None or full_positions.dim() != 3:
         full_positions = adapter.full_position_ids(inputs)
-    n_iso = compression.num_isolator_tokens
-    shortened, index_map, run_slots = shorten_runs(inputs, layout, [k + n_iso for k in kept], adapter.pad_token_id)
-    batch = CompressedBatch(shortened, layout, budgets, kept, n_iso, index_map, run_slots, full_positions)
+    flags = adapter.isolator_runs(layout)
+    if flags and not flags[0]:
+        raise ValueError(f"{type(adapter).__name__}.isolator_runs must put the isolator before the first run.")
+    isolators = [compression.num_isolator_tokens * first for first in flags]
+    lengths = [k + iso for k, iso in zip(kept, isolators)]
+    shortened, index_map, run_slots = shorten_runs(inputs, layout, lengths, adapter.pad_token_id)
+    batch = CompressedBatch(shortened, layout, budgets, kept, isolators, index_map, run_slots, full_positions)
     if full_positions is not None:
         # Provisional (the first tokens of each run): the language model gets the selected ones (`sparse_hooks`).
         shortened["position_ids"] = batch.position_ids([torch.arange(k) for k in kept])
@@ -304,19 +307,29 @@ def _compress_output(output, adapter, batch: CompressedBatch, compression: Compr
     starts = torch.tensor([0] + [run.length for run in layout.runs]).cumsum(0)[:-1].tolist()
     chosen, tokens = _select(flat, layout, batch.budgets, compression, context, starts)
     batch.selection = [offsets.cpu() for offsets in chosen]
-    iso = batch.num_isolator_tokens
     sources = [
-        torch.cat([torch.full((iso,), start), start + offsets]) for start, offsets in zip(starts, batch.selection)
+        torch.cat([torch.full((iso,), start), start + offsets])
+        for start, iso, offsets in zip(starts, batch.isolators, batch.selection)
     ]
     tokens = torch.cat(tokens)
     if compression.isolator is not None:
-        tokens = compression.isolator(tokens, [len(offsets) for offsets in batch.selection])
+        tokens = compression.isolator(tokens, _isolator_groups(batch))
     sources = torch.cat(sources)
     output.pooler_output = _rebuild(tokens, sources, entry_sizes, kind)
     for name in adapter.selected_outputs:
         levels = getattr(output, name, None)
         if levels is not None:
             setattr(output, name, [_follow(level, sources, batch, compression, layout, starts) for level in levels])
+
+
+def _isolator_groups(batch: CompressedBatch) -> list[int]:
+    """Kept tokens from each run that has the isolator up to the next one: the isolator goes before each group."""
+    groups: list[int] = []
+    for iso, offsets in zip(batch.isolators, batch.selection):
+        if iso or not groups:
+            groups.append(0)
+        groups[-1] += len(offsets)
+    return groups
 
 
 def _select(flat, layout, budgets, compression, context, starts):
@@ -377,12 +390,13 @@ def _rebuild(tokens: torch.Tensor, sources: torch.Tensor, entry_sizes: list[int]
 def _follow(level, sources, batch, compression, layout, starts):
     """Features aligned with `pooler_output` (e.g. deepstack levels) after the same selection; zeros for isolators."""
     flat, entry_sizes, kind = _flatten(level)
-    iso = batch.num_isolator_tokens
     if compression.compressor.selects:
         runs = [flat[start + offsets.to(flat.device)] for start, offsets in zip(starts, batch.selection)]
     else:  # a reduction that builds new tokens: apply it to these features too
         runs = _select(flat, layout, batch.budgets, compression, {}, starts)[1]
-    picked = torch.cat([torch.cat([flat.new_zeros(iso, flat.shape[1]), kept]) for kept in runs])
+    picked = torch.cat(
+        [torch.cat([flat.new_zeros(iso, flat.shape[1]), kept]) for iso, kept in zip(batch.isolators, runs)]
+    )
     return _rebuild(picked, sources, entry_sizes, kind)
 
 

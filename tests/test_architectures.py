@@ -197,12 +197,10 @@ def test_kept_tokens_keep_their_full_sequence_mrope_positions(family):
         )
         # The text, after an image too, keeps its full-sequence positions.
         torch.testing.assert_close(positions[:, row, short_text], own[:, row, text])
-        for run, (_, slot), offsets in zip(short.layout.runs, short.run_slots, short.selection):
+        for run, (_, slot), iso, offsets in zip(short.layout.runs, short.run_slots, short.isolators, short.selection):
             if run.row != row:
                 continue
-            kept = positions[
-                :, row, slot + short.num_isolator_tokens : slot + short.num_isolator_tokens + len(offsets)
-            ]
+            kept = positions[:, row, slot + iso : slot + iso + len(offsets)]
             torch.testing.assert_close(kept, own[:, row, run.start + offsets])
             assert len(offsets) == max(1, round(0.5 * run.length))
 
@@ -235,6 +233,25 @@ def test_glm_video_frames_written_with_the_image_placeholder_are_left_uncompress
     assert adapter.layout(inputs).runs == adapter.layout(batch).runs  # the images only
     short = compress_batch(adapter, inputs, Compression(get_compressor("divprune"), keep_ratio=0.25))
     assert ((short.inputs["mm_token_type_ids"] == 2) & (short.inputs["input_ids"] == image_token)).sum() == 6 * rows
+
+
+def test_mistral3_puts_the_isolator_once_per_image_before_its_first_row(tmp_path):
+    model, _, batch = _model_and_batch("mistral3")
+    trainer = SparseMLLMTrainer(
+        model=model,
+        args=training_args(tmp_path),
+        sparse_config=SparseMLLMConfig(token_compressor="divprune", keep_ratio=0.25, num_isolator_tokens=4),
+    )
+    compression = Compression(get_compressor("divprune"), keep_ratio=0.25, isolator=trainer.isolator)
+    short = compress_batch(get_adapter(model), batch, compression)
+    rows_per_image = [sum(run.image == image for run in short.layout.runs) for image in range(2)]
+    assert min(rows_per_image) > 1  # the images have several rows, only the first gets the isolator
+    assert sum(short.isolators) == 4 * 2
+    placeholders = (short.inputs["input_ids"] == model.config.image_token_id).sum().item()
+    assert placeholders == sum(short.kept) + 4 * 2
+    with torch.no_grad(), sparse_hooks(get_adapter(model), short, compression):
+        loss = model(**short.inputs, use_cache=False).loss  # the features fill exactly the placeholders left
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_next_video", "llava_onevision"])

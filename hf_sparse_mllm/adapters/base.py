@@ -257,6 +257,10 @@ class ArchitectureAdapter:
         runs = [PlaceholderRun(row, start, length, image) for (row, start, length), image in zip(runs, images)]
         return VisualLayout(runs, units_of(inputs, runs) if runs else [])
 
+    def isolator_runs(self, layout: VisualLayout) -> list[bool]:
+        """Whether the mode isolator precedes each run's kept tokens in fast mode (default: every run's)."""
+        return [True] * len(layout.runs)
+
     def full_position_ids(self, inputs: dict) -> torch.Tensor | None:
         """M-RoPE families: the `(3, batch, seq)` position ids of the full (uncompressed) batch; `None` for 1-D
         positions (the shortened sequence then gets contiguous positions, as the language model sees it)."""

@@ -7,10 +7,10 @@ the image), and `get_image_features(...).pooler_output` (a tuple with one `(rows
 raster order) fills them in order.
 
 **The budget is per row**: each run is one unit on a `(1, cols)` grid, keeping `round(keep_ratio * cols)` (at least
-one) of its tokens, and the mode isolator is prepended to every row's kept tokens. One budget per image across its
-rows is not possible here: the sequence is shortened before the forward, so every run's number of slots (between
-its `[IMG_BREAK]` tokens, which stay in place) must be fixed before the features that a per-image selection would
-distribute over the rows exist.
+one) of its tokens; the mode isolator is prepended once per image, to its first row's kept tokens. One budget per
+image across its rows is not possible here: the sequence is shortened before the forward, so every run's number of
+slots (between its `[IMG_BREAK]` tokens, which stay in place) must be fixed before the features that a per-image
+selection would distribute over the rows exist.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ class Mistral3Adapter(ArchitectureAdapter):
 
     def units(self, inputs, runs):
         return whole_run_units(runs, [(1, run.length) for run in runs])
+
+    def isolator_runs(self, layout):
+        # Once per image, before its first row: a large image has dozens of rows.
+        runs = layout.runs
+        return [i == 0 or run.image != runs[i - 1].image for i, run in enumerate(runs)]
 
     def dummy_visual_inputs(self) -> dict:
         side = self._token_side()
