@@ -40,3 +40,18 @@ def test_docstrings_hold_copy_pasteable_commands():
     for name in ("sft_vlm_sparse", "trainer_sparse"):
         doc = load_example(name).__doc__
         assert f"python examples/{name}.py --tiny --output_dir" in doc, name
+
+
+def test_readme_quickstart_runs_and_its_export_loads_without_the_package(tmp_path, monkeypatch):
+    """The README's quickstart block, as a user copies it: it trains, saves, and reloads with plain transformers."""
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = re.search(r"## Quickstart.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md quickstart", "exec"), namespace)
+    assert type(namespace["model"]).__name__ == "LlavaForConditionalGeneration"
+    saved = json.loads((tmp_path / "llava-sparse" / "sparse_mllm_config.json").read_text())
+    assert saved["token_compressor"] == "divprune" and saved["keep_ratio"] == 0.25
+    assert namespace["trainer"].state.global_step == 20
