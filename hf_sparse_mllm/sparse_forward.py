@@ -5,8 +5,9 @@ Before the forward, [`compress_batch`] shortens every placeholder run of the bat
 `round(keep_ratio * N_u)` or `num_keep` capped at `N_u`, plus the mode-isolator tokens) and gathers every per-token
 tensor with it. During the forward, [`sparse_hooks`] intercepts the projected features where the adapter says they
 come out, selects the kept tokens unit by unit (units with the same size, grid and budget in one batched call),
-prepends the isolator to each run (or those the adapter's `isolator_runs` marks) and hands the model exactly as many features as there are placeholders left. For
-M-RoPE models the kept tokens get their positions in the full sequence, gathered after the selection.
+prepends the isolator to each run (or to those the adapter's `isolator_runs` marks) and hands the model exactly as
+many features as there are placeholders left. For M-RoPE models the kept tokens get their positions in the full
+sequence, gathered after the selection.
 
 ```python
 >>> from PIL import Image

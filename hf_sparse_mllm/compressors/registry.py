@@ -146,13 +146,13 @@ class TokenCompressor:
         return self.budget_from_ratio(num_tokens, keep_ratio, grid_size)
 
     def budget_from_ratio(self, num_tokens: int, keep_ratio: float, grid_size: tuple[int, int] | None) -> int:
-        """The budget of a validated `keep_ratio`: `max(1, round(keep_ratio * num_tokens))`. A method whose
-        achievable budgets differ (such as `pool`'s pooled grids) overrides it and [`~TokenCompressor.check_achievable`]."""
+        """The budget of a validated `keep_ratio`: `max(1, round(keep_ratio * num_tokens))`. A method whose achievable
+        budgets differ (such as `pool`'s pooled grids) overrides it and [`~TokenCompressor.check_achievable`]."""
         return max(1, round(keep_ratio * num_tokens))
 
     def check_achievable(self, num_keep: int, num_tokens: int, grid_size: tuple[int, int] | None) -> None:
-        """Raise `ValueError` if the method cannot keep exactly `num_keep` of `num_tokens` tokens (already checked to be
-        in [1, num_tokens]); every such budget is achievable by default."""
+        """Raise `ValueError` if the method cannot keep exactly `num_keep` of `num_tokens` tokens (already checked to
+        be in [1, num_tokens]); every such budget is achievable by default."""
 
     def describe_budget(self, keep_ratio: float = 1.0, num_keep: int | None = None) -> str:
         """What the method keeps of each image, in words, for the model card: a predicate that follows the method's
