@@ -23,6 +23,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import make_sample, tiny_llava, training_args
+from distributed_worker import SPARSE_CONFIG
 from safetensors.torch import load_file
 
 from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer, model_parts
@@ -45,17 +46,8 @@ ZERO3_STALE_GRADIENTS = (
 
 # ---- one process: the modules a text-only micro-batch runs --------------------------------------------------------
 
-# Seed 18 with 30 % slow steps: step 0 is fast (with a skipped layer), step 1 slow.
-RECIPE = dict(
-    token_compressor="divprune",
-    keep_ratio=0.5,
-    slow_mode_prob=0.3,
-    seed=18,
-    stage="instruction",
-    layer_skip_policy="stochastic",
-    max_skip_prob=0.6,
-    protect_layers=1,
-)
+# The two-process runs' recipe: step 0 is fast (with a skipped layer), step 1 slow.
+RECIPE = SPARSE_CONFIG
 
 
 def _calls_per_micro_batch(trainer, batches, step):
