@@ -8,7 +8,8 @@ Shapes (tiny widths, the geometry of the real models; see `SHAPES`): `llava15` (
 visual tokens), `vit196` (224 px / 16 px = 196), `llavanext` (LLaVA-NeXT: a 672 x 672 image = a 336 px base tile plus
 a 2 x 2 anyres grid, 2,928 visual tokens with the newline column) and `qwen25vl` (Qwen2.5-VL: 896 x 896 px, 14 px
 patches merged 2 x 2 = 1,024 visual tokens, M-RoPE). Every shape has the same 8 x 256 decoder, so that, as at 7B
-scale, the language model dominates the step, and a small frozen vision tower (the projector trains).
+scale, the language model dominates the step, and a small frozen vision tower (the projector trains); the Qwen2.5-VL
+tower has the real model's heads of 80 and 112 px windows (`Shape.vision_config`).
 
 Timings: every variant steps the same model on the same fixed batch, round-robin (stock, fast, slow, ... then again),
 so machine load hits all variants alike; medians of the wall clock and of this process's CPU time are reported. A step
@@ -82,6 +83,8 @@ class Shape:
         steps (`int`): timed rounds (medians reported).
         warmup (`int`): untimed rounds first.
         variants (`tuple[str, ...]`): keys of `VARIANTS` timed at this shape.
+        vision_config (`dict`): vision config fields set over the builder's, before the weights are drawn (the real
+            model's geometry where the builder's tiny default differs).
     """
 
     family: str
@@ -93,6 +96,7 @@ class Shape:
     steps: int = 8
     warmup: int = 2
     variants: tuple[str, ...] = tuple(VARIANTS)
+    vision_config: dict = dataclasses.field(default_factory=dict)
 
 
 _LLAVA = dict(tower="model.vision_tower", projector="model.multi_modal_projector")
@@ -124,6 +128,9 @@ SHAPES = {
         steps=8,
         warmup=1,
         variants=DUALSPEED_VARIANTS,
+        # Qwen2.5-VL-7B's tower attends with heads of 80 (1,280 / 16) in windows of 112 px (8 x 8 patches); the
+        # builder's tiny tower has heads of 16 (64 / 4) in 56 px windows, made for small test images.
+        vision_config=dict(hidden_size=80, intermediate_size=160, num_heads=1, window_size=112),
     ),
 }
 
@@ -136,6 +143,13 @@ def build(shape: Shape, batch_size: int, text_tokens: int, device: str):
     from hf_sparse_mllm.tiny import build_tiny_model_and_processor
 
     model, processor = build_tiny_model_and_processor(shape.family, words=WORDS, **shape.builder)
+    if shape.vision_config:
+        config = model.config
+        for name, value in shape.vision_config.items():
+            setattr(config.vision_config, name, value)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = type(model)(config).float()
     model.get_submodule(shape.tower).requires_grad_(False)
     model.get_submodule(shape.projector).requires_grad_(True)
     question = " ".join((WORDS * 20)[: max(text_tokens - 12, 1)])

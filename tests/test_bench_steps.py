@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -51,6 +52,25 @@ def test_step_benchmark_llava_next_and_qwen_shapes(tmp_path):
         text = shape["seq_len"] - shape["visual_tokens_per_image"]
         assert shape["fast_seq_len"] == text + shape["visual_tokens_kept_per_image"] + shape["isolator_tokens"]
         assert shape["variants"]["fast"]["flop_ideal_speedup"] > 4
+
+
+def test_shape_vision_config_sets_the_tower_geometry():
+    """The Qwen2.5-VL shape's tower gets the real model's head geometry over the builder's, before its weights are
+    drawn, and the batch still runs through it."""
+    shape = bench_steps.SHAPES["qwen25vl"]
+    shape = dataclasses.replace(
+        shape, builder=dict(shape.builder, min_pixels=224 * 224, max_pixels=224 * 224), image_size=(224, 224)
+    )
+    model, batch = bench_steps.build(shape, 1, 16, "cpu")
+    vision = model.config.vision_config
+    assert (vision.hidden_size, vision.num_heads, vision.window_size) == (80, 1, 112)
+    attention = model.model.visual.blocks[0].attn
+    assert attention.head_dim == 80 and model.model.visual.patch_embed.proj.out_channels == 80
+    assert not any(p.requires_grad for p in model.model.visual.blocks.parameters())
+    assert all(p.requires_grad for p in model.model.visual.merger.parameters())
+    with torch.no_grad():
+        features = model.model.get_image_features(**bench_steps.visual_inputs(batch)).pooler_output
+    assert features[0].shape == (64, 256)  # (224 / 14 / 2) ** 2 tokens, the decoder's width
 
 
 @pytest.mark.parametrize("forced,schedule", [("fast", 1.0), ("slow", 0.0), ("plain", 1.0)])
