@@ -174,8 +174,6 @@ def test_modules_import_without_trl_and_datasets(module, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # Every family: per-token tensors follow input_ids through left padding and max_length; the model accepts the batch.
 
-# PaliGemma is left out: its processor shifts TRL's assistant mask and its token_type_ids make the answer part of the
-# bidirectional prefix (see hf_sparse_mllm/tiny/gemma.py), so this collator does not build correct PaliGemma batches.
 FAMILIES = [
     "llava",
     "vipllava",
@@ -194,6 +192,7 @@ FAMILIES = [
     "internvl",
     "mistral3",
     "aya_vision",
+    "paligemma",
 ]
 # SmolVLM's processor imports `num2words` (for video prompts) even when it only processes images.
 NEEDS_NUM2WORDS = pytest.mark.skipif(
@@ -269,8 +268,8 @@ def _per_token(batch) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k.endswith("token_type_ids")}
 
 
-def test_every_family_but_paligemma_is_tested():
-    assert set(list_tiny_families()) - {"docs_llava", "paligemma"} <= set(FAMILIES)
+def test_every_family_is_tested():
+    assert set(list_tiny_families()) - {"docs_llava"} <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
@@ -345,6 +344,62 @@ def test_truncation_never_cuts_an_image(family):
     skipped = _collate(processor, samples, max_length=needed[1] - 1, skip_bad_samples=True)
     assert skipped["input_ids"].shape[0] == 2 and skipped[SKIPPED_SAMPLES_KEY] == 1
     assert torch.isfinite(model(**{k: v for k, v in skipped.items() if k != SKIPPED_SAMPLES_KEY}).loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PaliGemma (a prefix-LM processor: the answer goes in as `suffix`).
+
+
+def test_prefix_lm_answer_is_the_causal_suffix():
+    """`token_type_ids` are 1 exactly on the trained answer, so the answer is causal: its logits do not see the tokens
+    after them (through TRL's collator they were all 0, the answer part of the bidirectional prefix)."""
+    model, processor = _family("paligemma")
+    batch = _collate(processor, [_sample("red blue"), _sample("red green"), _sample("no", size=(30, 60))])
+    tokenizer = processor.tokenizer
+    for row, answer in enumerate(["red blue", "red green", "no"]):
+        assert _answer_tokens(tokenizer, batch["labels"][row]) == [*answer.split(), "</s>"]
+        assert torch.equal(batch["token_type_ids"][row] == 1, batch["labels"][row] != -100)
+    assert not batch["token_type_ids"][batch["input_ids"] == model.config.image_token_id].any()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    first = (batch["labels"][0] != -100).nonzero()[0].item()  # "red": the same prompt and first answer token
+    torch.testing.assert_close(logits[0, : first + 1], logits[1, : first + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(logits[0, first + 1], logits[1, first + 1])  # "blue" and "green" differ
+
+
+def test_prefix_lm_samples_are_one_prompt_and_one_answer():
+    _, processor = _family("paligemma")
+    two_turns = _sample()
+    two_turns["messages"] += [
+        {"role": "user", "content": [{"type": "text", "text": "sure ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ]
+    no_answer = _sample()
+    no_answer["messages"] = no_answer["messages"][:1]
+    samples = _indexed([_sample(), two_turns, no_answer, _sample(image=False)], start=20)
+    with pytest.raises(BadSampleError) as error:
+        _collate(processor, samples)
+    assert error.value.indices == [21, 22]
+    assert "prefix-LM processor" in str(error.value) and "roles ['user', 'assistant', 'user', 'assistant']" in str(
+        error.value
+    )
+    assert _collate(processor, [samples[0], samples[3]])["labels"].shape[0] == 2  # a text-only sample beside an image
+    # PaliGemma's processor refuses a batch without images, with its own message.
+    with pytest.raises(BadSampleError, match=r"dataset index 23: the processor rejected it: .*`images` are expected"):
+        _collate(processor, [samples[3]])
+
+
+def test_prefix_lm_processor_without_a_chat_template():
+    """PaliGemma checkpoints have no chat template: the prompt is the question, the processor puts the image first."""
+    _, processor = _family("paligemma")
+    template, processor.chat_template = processor.chat_template, None
+    try:
+        batch = _collate(processor, [_sample("red")])
+    finally:
+        processor.chat_template = template
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens == ["<image>"] * 16 + ["<s>", *QUESTION.split(), "red", "</s>"]
+    assert _answer_tokens(processor.tokenizer, batch["labels"][0]) == ["red", "</s>"]
 
 
 def test_image_processor_outputs_are_not_per_token(processor):

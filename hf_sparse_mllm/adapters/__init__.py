@@ -20,6 +20,7 @@ from .internvl import InternVLAdapter
 from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .mistral3 import Mistral3Adapter
+from .paligemma import PaliGemmaAdapter
 from .qwen_vl import Glm4vAdapter, Qwen3VLAdapter, QwenVLAdapter
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "Mistral3Adapter",
+    "PaliGemmaAdapter",
     "PerTileAdapter",
     "PlaceholderRun",
     "Qwen3VLAdapter",

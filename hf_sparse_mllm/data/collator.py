@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -35,6 +36,14 @@ class VisionLanguageCollator:
       `image_token_ids`, e.g. Gemma 3's `<image_soft_token>` rather than its `<start_of_image>`) or the special token
       that closes an image span (`<|vision_end|>`, `<end_of_image>`, ...) would be cut is a bad sample, so a start
       token is never kept without its span;
+    - a prefix-LM processor, one whose `__call__` takes the answer as `suffix` (PaliGemma's), gets the prompt and the
+      answer apart, so that it marks the answer itself: `token_type_ids` 1 and `labels` on the answer, the image and
+      prompt the model's bidirectional prefix. (Through TRL's collator the answer would be in the prefix, where every
+      position sees it, and PaliGemma's inserted `<s>` shifts the assistant mask.) Each sample is then one prompt and
+      one answer: its conversation must end with its only assistant turn (and PaliGemma's processor refuses a batch
+      without images). A chat
+      template, if the processor has one, renders the prompt with its generation prompt; without one the prompt is
+      the text of the turns before the answer, and the processor puts the images first;
     - every bad sample is named by its dataset index (with [`~hf_sparse_mllm.data.samples.index_samples`]) and the
       image path or column: an image that cannot be read (undecodable bytes, a missing file: "file not found:
       <path>"), `{"type": "image"}` blocks that do not match its images, a sample the processor rejects, a sample
@@ -43,8 +52,8 @@ class VisionLanguageCollator:
     Args:
         processor ([`~transformers.ProcessorMixin`]):
             A vision-language processor whose chat template marks assistant turns with `{% generation %}` (the tiny
-            ones from [`~hf_sparse_mllm.tiny.build_tiny_model_and_processor`] do) and whose tokenizer has a pad
-            token.
+            ones from [`~hf_sparse_mllm.tiny.build_tiny_model_and_processor`] do), or a prefix-LM one (see above),
+            and whose tokenizer has a pad token.
         max_length (`int`, *optional*):
             Drop tokens beyond this length (from the end). `None` keeps whole samples.
         skip_bad_samples (`bool`, *optional*, defaults to `False`):
@@ -92,7 +101,9 @@ class VisionLanguageCollator:
         template = processor.chat_template
         if isinstance(template, dict):  # several named templates: TRL renders the default one
             template = template.get("default")
-        if not isinstance(template, str) or "generation" not in template:
+        # The processor marks the answer itself when it takes it apart from the prompt (PaliGemma's `suffix`).
+        self._prefix_lm = "suffix" in inspect.signature(processor.__call__).parameters
+        if not self._prefix_lm and (not isinstance(template, str) or "generation" not in template):
             raise ValueError(
                 "VisionLanguageCollator needs a processor whose chat template marks the assistant turns with "
                 "`{% generation %}` (to train only the answers); build one with hf_sparse_mllm.tiny.build_tiny_processor "
@@ -161,7 +172,34 @@ class VisionLanguageCollator:
             raise _BadSample(f'its {column!r} column does not match its {{"type": "image"}} blocks: {error}') from None
         # TRL's format also allows images inside the messages (`{"type": "image", "image": <path>}`).
         messages = [self._load_inline_images(message, m) for m, message in enumerate(messages)]
+        roles = [message.get("role") for message in messages]
+        if self._prefix_lm and (roles[-1:] != ["assistant"] or roles.count("assistant") != 1):
+            raise _BadSample(
+                f"{type(self.processor).__name__} is a prefix-LM processor (it takes the answer as `suffix`), so a "
+                f"sample is one prompt and one answer: its messages must end with their only assistant turn, got "
+                f"roles {roles}"
+            )
         return {"images": [], "messages": messages}
+
+    def _processor_batch(self, samples: list[dict]) -> dict:
+        """The processor's batch of prepared samples, right-padded: TRL's collator's, or the prefix-LM one."""
+        if not self._prefix_lm:
+            return dict(self._trl_collator(samples))
+        prompts, answers, images = [], [], []
+        for sample in samples:
+            *turns, answer = sample["messages"]
+            parts = [part for turn in turns for part in turn["content"]]
+            images.append([part["image"] for part in parts if part.get("type") == "image"])
+            if self.processor.chat_template:
+                prompts.append(self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+            else:
+                prompts.append(" ".join(part["text"] for part in parts if part.get("type") == "text"))
+            answers.append(" ".join(part["text"] for part in answer["content"] if part.get("type") == "text"))
+        images = images if any(images) else None  # none at all: the processor's own error, not an IndexError
+        batch = self.processor(
+            text=prompts, images=images, suffix=answers, padding=True, padding_side="right", return_tensors="pt"
+        )
+        return dict(batch)
 
     def _load_inline_images(self, message: dict, m: int) -> dict:
         content = message.get("content")
@@ -192,7 +230,7 @@ class VisionLanguageCollator:
         """Collate `good` (right-padded, truncated); or name the samples that fail alone or would lose image tokens
         (with a hint for the error)."""
         try:
-            batch = dict(self._trl_collator(list(good.values())))
+            batch = self._processor_batch(list(good.values()))
         except Exception:
             first_has_image = _has_image(next(iter(good.values())))
             if not first_has_image and any(_has_image(sample) for sample in good.values()):
@@ -203,7 +241,7 @@ class VisionLanguageCollator:
             failing = []
             for position, sample in good.items():
                 try:
-                    self._trl_collator([sample])
+                    self._processor_batch([sample])
                 except Exception as error:
                     reason = f"the processor rejected it: {type(error).__name__}: {error}"
                     failing.append(BadSample(_index_of(examples[position]), position, reason))

@@ -10,14 +10,14 @@
   tokens, shorter than a two-image sample) and a global one.
 - PaliGemma: 32 px images, 8 px patches, 16 visual tokens per image, [`~transformers.SiglipImageProcessorPil`]. Its
   processor puts `<s>` after the last `<image>` of a sample itself (the chat template writes no `<s>`), adds `"\\n"`
-  at the end and needs an image in every sample (no text-only samples). The inserted `<s>` is not counted in the
+  at the end and refuses a batch without images (a text-only sample beside one with an image passes). The inserted `<s>` is not counted in the
   character offsets that map the template's `{% generation %}` span to tokens, so
   `apply_chat_template(..., return_assistant_tokens_mask=True)` (and TRL's `assistant_only_loss`) marks a span
   shifted by `len("<s>")` characters: it starts on the template's `assistant :`. It returns `token_type_ids` and `labels`,
   both computed from a `suffix=` argument: without one (a chat template holds the answer in the text)
   `token_type_ids` are all 0, so the whole sample, answer included, is the model's bidirectional prefix and every
-  position sees the answer. A training collator must set `token_type_ids` to 1 on the answer (where the assistant
-  mask is 1) for PaliGemma's prefix-LM to be causal there. Without `token_type_ids` the model is not reliably causal
+  position sees the answer. A training collator must pass the answer as `suffix` (as
+  [`~hf_sparse_mllm.data.collator.VisionLanguageCollator`] does) for PaliGemma's prefix-LM to be causal there. Without `token_type_ids` the model is not reliably causal
   either: `PaliGemmaConfig` sets the decoder's `use_bidirectional_attention=True`, and with SDPA and no padded
   position no mask is built, so attention is bidirectional; eager attention, or any padding, makes it causal.
 
