@@ -191,9 +191,7 @@ def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad
     pad_values = {"input_ids": pad_token_id, "labels": -100}
     out = dict(inputs)
     for key, value in inputs.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if value.dim() >= 2 and value.shape[:2] == (batch, seq_len) and key != "position_ids":
+        if _is_per_token(key, value, (batch, seq_len)) and key != "position_ids":
             out[key] = _gather_tokens(value, index_map.to(value.device), pad_values.get(key, 0))
     if out.get("attention_mask") is not None:
         # Columns that are padding in every row only cost compute.
@@ -201,7 +199,7 @@ def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad
         if len(used) and (used[0] > 0 or used[-1] < new_len - 1):
             lo, hi = int(used[0]), int(used[-1]) + 1
             for key, value in out.items():
-                if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (batch, new_len):
+                if _is_per_token(key, value, (batch, new_len)):
                     out[key] = value[:, lo:hi]
             index_map = index_map[:, lo:hi]
             slots = [(row, slot - lo) for row, slot in slots]
@@ -211,6 +209,21 @@ def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad
         mask = out.get("attention_mask", torch.ones_like(out["input_ids"]))
         out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return out, index_map, slots
+
+
+# Image and video inputs are never per-token, even when their first two sizes happen to be (rows, tokens): e.g. Gemma 4's
+# `pixel_values` and `image_position_ids` are (images, patches, ...).
+_VISUAL_INPUT_PREFIXES = ("pixel_", "image_", "video_")
+
+
+def _is_per_token(key: str, value, shape: tuple[int, int]) -> bool:
+    """Whether `inputs[key]` is a `(batch, seq, ...)` tensor aligned with `input_ids` of `shape`."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() >= 2
+        and tuple(value.shape[:2]) == shape
+        and not key.startswith(_VISUAL_INPUT_PREFIXES)
+    )
 
 
 def _gather_tokens(value: torch.Tensor, index_map: torch.Tensor, pad_value) -> torch.Tensor:

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText
 from hf_sparse_mllm import SparseMLLMConfig, SparseMLLMTrainer
 from hf_sparse_mllm.adapters import ArchitectureAdapter, adapter_class, get_adapter, supported_model_types
 from hf_sparse_mllm.compressors import get_compressor
-from hf_sparse_mllm.data.collator import VisionLanguageCollator
+from hf_sparse_mllm.data.collator import VisionLanguageCollator, is_prefix_lm
 from hf_sparse_mllm.dualspeed import next_token_targets
 from hf_sparse_mllm.evaluation import evaluate, get_task
 from hf_sparse_mllm.sparse_forward import Compression, compress_batch, sparse_hooks
@@ -48,6 +48,12 @@ def _sample(sizes, answer="red"):
 SAMPLES = [_sample([SIZES[0]]), _sample([SIZES[1]], "blue"), _sample([], "green")]
 
 
+def _samples(family):
+    """The matrix's samples; a prefix-LM processor (PaliGemma's) needs an image in every one: the third gets one."""
+    _, processor = _built(family)
+    return [*SAMPLES[:2], _sample([SIZES[0]], "green")] if is_prefix_lm(processor) else SAMPLES
+
+
 @functools.cache
 def _built(family):
     return build_tiny_model_and_processor(family, words=WORDS)
@@ -56,7 +62,7 @@ def _built(family):
 def _model_and_batch(family):
     model, processor = _built(family)
     model = copy.deepcopy(model)
-    return model, processor, VisionLanguageCollator(processor)(SAMPLES)
+    return model, processor, VisionLanguageCollator(processor)(_samples(family))
 
 
 def _train(tmp_path, family, steps=2, **recipe):
@@ -64,7 +70,7 @@ def _train(tmp_path, family, steps=2, **recipe):
     trainer = SparseMLLMTrainer(
         model=model,
         args=training_args(tmp_path, max_steps=steps, per_device_train_batch_size=3),
-        train_dataset=SAMPLES * steps,
+        train_dataset=_samples(family) * steps,
         data_collator=VisionLanguageCollator(processor),
         sparse_config=SparseMLLMConfig(stage="instruction", **recipe),
     )
@@ -156,7 +162,7 @@ def test_compressed_evaluation_runs(tmp_path, family):
 
 def _full_tokens_per_image(family):
     model, processor = _built(family)
-    batch = VisionLanguageCollator(processor)(SAMPLES)
+    batch = VisionLanguageCollator(processor)(_samples(family))
     layout = get_adapter(model).layout(batch)
     return sum(run.length for run in layout.runs) / layout.num_images
 
@@ -218,7 +224,7 @@ def test_mrope_without_mm_token_type_ids_is_a_clear_error(tmp_path, family, comp
         trainer.training_step(model, batch)
 
 
-@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
+@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe", "glm46v"])
 def test_glm_video_frames_written_with_the_image_placeholder_are_left_uncompressed(family):
     """GLM-4V's processor writes a video frame as image placeholders marked 2 in `mm_token_type_ids`."""
     model, _, batch = _model_and_batch(family)

@@ -25,6 +25,7 @@ from hf_sparse_mllm.data.samples import (
     index_samples,
     load_image,
 )
+from hf_sparse_mllm.evaluation.generation import generate_answers, render_prompt
 from hf_sparse_mllm.tiny import build_tiny_llava_and_processor, build_tiny_model_and_processor, list_tiny_families
 
 QUESTION = "what color is the object ?"
@@ -184,11 +185,15 @@ FAMILIES = [
     "qwen2_5_vl",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "qwen3_5",
+    "qwen3_5_moe",
     "glm4v",
     "glm4v_moe",
+    "glm46v",
     "idefics3",
     "smolvlm",
     "gemma3",
+    "gemma4",
     "internvl",
     "mistral3",
     "aya_vision",
@@ -199,7 +204,7 @@ NEEDS_NUM2WORDS = pytest.mark.skipif(
     importlib.util.find_spec("num2words") is None, reason="SmolVLM's processor needs the num2words package"
 )
 FAMILY_PARAMS = [pytest.param(f, marks=[NEEDS_NUM2WORDS] if f == "smolvlm" else [], id=f) for f in FAMILIES]
-TYPE_IDS = {"qwen2_5_vl": "mm_token_type_ids", "gemma3": "token_type_ids"}
+TYPE_IDS = {"qwen2_5_vl": "mm_token_type_ids", "gemma3": "token_type_ids", "gemma4": "mm_token_type_ids"}
 
 _BUILT: dict[str, tuple] = {}
 
@@ -214,7 +219,8 @@ def _family(name: str):
 
 
 def _family_samples(family: str) -> list[dict]:
-    """One image, two images and text only, with answers of different lengths, indexed 10, 11, 12."""
+    """One image, two images and text only (one image for a prefix-LM processor, PaliGemma's, which needs one in
+    every sample), with answers of different lengths, indexed 10, 11, 12."""
     sizes = ((64, 48), (48, 96)) if family.startswith("qwen") else ((40, 30), (30, 60))
     first, second = (Image.new("RGB", size, colour) for size, colour in zip(sizes, (RED, BLUE)))
     two = [
@@ -234,6 +240,8 @@ def _family_samples(family: str) -> list[dict]:
             "messages": [{"role": "user", "content": "is the object blue ?"}, {"role": "assistant", "content": "no"}],
         },
     ]
+    if family == "paligemma":
+        samples[2] = _sample("no", question="is the object blue ?", size=sizes[1])
     return [sample | {SAMPLE_INDEX_KEY: 10 + i} for i, sample in enumerate(samples)]
 
 
@@ -302,7 +310,7 @@ def _needed_lengths(model, batch) -> list[int]:
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "gemma4"])
 def test_type_ids_stay_on_the_placeholders(family, padding_side):
     model, processor = _family(family)
     samples = _family_samples(family)
@@ -321,7 +329,7 @@ def test_type_ids_stay_on_the_placeholders(family, padding_side):
         _assert_same_real_logits(model, batch, right)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "gemma4"])
 def test_truncation_never_cuts_an_image(family):
     model, processor = _family(family)
     samples = _family_samples(family)
@@ -379,27 +387,36 @@ def test_prefix_lm_samples_are_one_prompt_and_one_answer():
     samples = _indexed([_sample(), two_turns, no_answer, _sample(image=False)], start=20)
     with pytest.raises(BadSampleError) as error:
         _collate(processor, samples)
-    assert error.value.indices == [21, 22]
-    assert "prefix-LM processor" in str(error.value) and "roles ['user', 'assistant', 'user', 'assistant']" in str(
-        error.value
-    )
-    assert _collate(processor, [samples[0], samples[3]])["labels"].shape[0] == 2  # a text-only sample beside an image
-    # PaliGemma's processor refuses a batch without images, with its own message.
-    with pytest.raises(BadSampleError, match=r"dataset index 23: the processor rejected it: .*`images` are expected"):
-        _collate(processor, [samples[3]])
+    assert error.value.indices == [21, 22, 23]
+    message = str(error.value)
+    assert "prefix-LM processor" in message and "roles ['user', 'assistant', 'user', 'assistant']" in message
+    # PaliGemma's processor would put its `<s>` inside a text-only sample's prompt: named, and skipped on request.
+    assert "dataset index 23: it has no image, and PaliGemmaProcessor needs one in every sample" in message
+    batch = _collate(processor, samples, skip_bad_samples=True)
+    assert batch["input_ids"].shape[0] == 1 and batch[SKIPPED_SAMPLES_KEY] == 3
+    template = processor.chat_template
+    processor.chat_template = {"chat": template}
+    try:
+        with pytest.raises(ValueError, match=r"chat templates \['chat'\] but none named 'default'"):
+            VisionLanguageCollator(processor)
+    finally:
+        processor.chat_template = template
 
 
 def test_prefix_lm_processor_without_a_chat_template():
     """PaliGemma checkpoints have no chat template: the prompt is the question, the processor puts the image first."""
-    _, processor = _family("paligemma")
+    model, processor = _family("paligemma")
     template, processor.chat_template = processor.chat_template, None
     try:
         batch = _collate(processor, [_sample("red")])
+        prompt = render_prompt(processor, _sample("red")["messages"])  # evaluation's prompt is the same
+        answers = generate_answers(model, processor, [_sample("red")], max_new_tokens=2, progress=False)
     finally:
         processor.chat_template = template
     tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert tokens == ["<image>"] * 16 + ["<s>", *QUESTION.split(), "red", "</s>"]
     assert _answer_tokens(processor.tokenizer, batch["labels"][0]) == ["red", "</s>"]
+    assert prompt == "<image>" + QUESTION and len(answers) == 1
 
 
 def test_image_processor_outputs_are_not_per_token(processor):

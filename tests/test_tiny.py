@@ -276,7 +276,17 @@ FAMILIES = {
             counts=(12, 18),
             extra_inputs=frozenset({"image_grid_thw", "mm_token_type_ids"}),
         )
-        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
+        for family in (
+            "qwen2_vl",
+            "qwen2_5_vl",
+            "qwen3_vl",
+            "qwen3_vl_moe",
+            "qwen3_5",
+            "qwen3_5_moe",
+            "glm4v",
+            "glm4v_moe",
+            "glm46v",
+        )
     },
     **{
         family: FamilyCase(
@@ -286,6 +296,11 @@ FAMILIES = {
     },
     "internvl": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 48)),
     "gemma3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 16), extra_inputs=frozenset({"token_type_ids"})),
+    "gemma4": FamilyCase(
+        sizes=((40, 30), (30, 60)),
+        counts=(63, 55),
+        extra_inputs=frozenset({"image_position_ids", "mm_token_type_ids"}),
+    ),
     "aya_vision": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 48)),
     "mistral3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(20, 18), extra_inputs=frozenset({"image_sizes"})),
     "paligemma": FamilyCase(
@@ -439,10 +454,11 @@ def test_family_forward_backward_with_trl_collator(family):
     assert torch.isfinite(loss)
     loss.backward()
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+    # The image path outside the vision tower (Gemma 4's projector, `embed_vision`, has "vision" in its name).
     projector_grads = [
         p.grad
         for n, p in model.named_parameters()
-        if "vision" not in n and "language_model" not in n and "lm_head" not in n
+        if not {"vision_tower", "vision_model", "language_model", "lm_head"} & set(n.split("."))
     ]
     assert any(g is not None and g.abs().sum() > 0 for g in projector_grads)
     model.zero_grad(set_to_none=True)
@@ -465,7 +481,20 @@ def test_family_placeholders_match_image_features(family):
     assert tuple(counts) == case.counts
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+# `AutoTokenizer` loads `Qwen3_5Tokenizer` for model_type `qwen3_5`/`qwen3_5_moe` whatever `tokenizer_config.json`
+# says (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS in transformers 5.24), and that BPE class cannot hold the tiny
+# word-level tokenizer: the reloaded processor tokenizes differently. Real Qwen3.5 tokenizers are that class.
+_RELOADED_FAMILIES = [
+    pytest.param(
+        p.values[0], marks=pytest.mark.xfail(strict=True, reason="transformers forces Qwen3_5Tokenizer on reload")
+    )
+    if p.values[0] in ("qwen3_5", "qwen3_5_moe")
+    else p
+    for p in FAMILY_PARAMS
+]
+
+
+@pytest.mark.parametrize("family", _RELOADED_FAMILIES)
 def test_family_save_and_reload(family, tmp_path):
     model, processor = _family(family)
     model.save_pretrained(tmp_path)

@@ -15,6 +15,7 @@ from .base import (
     whole_run_units,
 )
 from .gemma3 import Gemma3Adapter
+from .gemma4 import Gemma4Adapter
 from .idefics3 import Idefics3Adapter, PerTileAdapter
 from .internvl import InternVLAdapter
 from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
@@ -28,6 +29,7 @@ __all__ = [
     "AyaVisionAdapter",
     "FixedGridAdapter",
     "Gemma3Adapter",
+    "Gemma4Adapter",
     "Glm4vAdapter",
     "Idefics3Adapter",
     "InternVLAdapter",

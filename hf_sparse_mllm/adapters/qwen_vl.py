@@ -1,5 +1,5 @@
-"""`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, and `glm4v`, `glm4v_moe` (the same layout): dynamic
-resolution and M-RoPE.
+"""`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe`, and `glm4v`, `glm4v_moe`,
+`glm46v` (the same layout): dynamic resolution and M-RoPE.
 
 Each image is one run `<|vision_start|> <|image_pad|> x N <|vision_end|>` (GLM-4V:
 `<|begin_of_image|> <|image|> x N <|end_of_image|>`) with `N = t * h * w / merge**2` from
@@ -8,7 +8,8 @@ Each image is one run `<|vision_start|> <|image_pad|> x N <|vision_end|>` (GLM-4
 `get_image_features` restores raster order: a hook on the merger would see the wrong order). Positions are 3-D
 (M-RoPE) and computed by the model's own `get_rope_index` on the *full* sequence; kept tokens keep them, and so does
 the text after an image (GLM-4V's `get_rope_index` has the same signature). Qwen3-VL's and Qwen3-VL-MoE's
-`deepstack_features` follow the same selection (zeros at the isolator tokens). Videos are not compressed.
+`deepstack_features` follow the same selection (zeros at the isolator tokens); Qwen3.5's tower has none, and its
+hybrid decoder (linear and full attention) takes the same positions. Videos are not compressed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from .base import ArchitectureAdapter, register_adapter, whole_run_units
 
 
-@register_adapter("qwen2_vl", "qwen2_5_vl")
+@register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe")
 class QwenVLAdapter(ArchitectureAdapter):
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
@@ -66,7 +67,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     selected_outputs = ("deepstack_features",)
 
 
-@register_adapter("glm4v", "glm4v_moe")
+@register_adapter("glm4v", "glm4v_moe", "glm46v")
 class Glm4vAdapter(QwenVLAdapter):
     """GLM-4V writes video frames with the image placeholder too, marked 2 in `mm_token_type_ids` (images: 1): only
     the image ones are runs, the video tokens pass through uncompressed."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import PIL.Image
 import torch
-from transformers import ProcessorMixin
+from transformers import PaliGemmaProcessor, ProcessorMixin
 
 from .samples import SAMPLE_ERROR_KEY, SAMPLE_INDEX_KEY, BadSample, BadSampleError, describe_image, load_image
 
@@ -36,14 +36,12 @@ class VisionLanguageCollator:
       `image_token_ids`, e.g. Gemma 3's `<image_soft_token>` rather than its `<start_of_image>`) or the special token
       that closes an image span (`<|vision_end|>`, `<end_of_image>`, ...) would be cut is a bad sample, so a start
       token is never kept without its span;
-    - a prefix-LM processor, one whose `__call__` takes the answer as `suffix` (PaliGemma's), gets the prompt and the
-      answer apart, so that it marks the answer itself: `token_type_ids` 1 and `labels` on the answer, the image and
-      prompt the model's bidirectional prefix. (Through TRL's collator the answer would be in the prefix, where every
-      position sees it, and PaliGemma's inserted `<s>` shifts the assistant mask.) Each sample is then one prompt and
-      one answer: its conversation must end with its only assistant turn (and PaliGemma's processor refuses a batch
-      without images). A chat
-      template, if the processor has one, renders the prompt with its generation prompt; without one the prompt is
-      the text of the turns before the answer, and the processor puts the images first;
+    - a prefix-LM processor (PaliGemma's, see [`is_prefix_lm`]) gets the prompt and the answer (as `suffix`) apart,
+      so that it marks the answer itself: `token_type_ids` 1 and `labels` on the answer, the images and the prompt
+      the model's bidirectional prefix. (Through TRL's collator the answer would be in the prefix, where every
+      position sees it, and PaliGemma's inserted `<s>` shifts the assistant mask.) Each sample is then one prompt,
+      with at least one image, and one answer: its conversation must end with its only assistant turn. The prompt is
+      [`prompt_text`]'s, as in evaluation;
     - every bad sample is named by its dataset index (with [`~hf_sparse_mllm.data.samples.index_samples`]) and the
       image path or column: an image that cannot be read (undecodable bytes, a missing file: "file not found:
       <path>"), `{"type": "image"}` blocks that do not match its images, a sample the processor rejects, a sample
@@ -101,8 +99,12 @@ class VisionLanguageCollator:
         template = processor.chat_template
         if isinstance(template, dict):  # several named templates: TRL renders the default one
             template = template.get("default")
-        # The processor marks the answer itself when it takes it apart from the prompt (PaliGemma's `suffix`).
-        self._prefix_lm = "suffix" in inspect.signature(processor.__call__).parameters
+        self._prefix_lm = is_prefix_lm(processor)
+        if self._prefix_lm and isinstance(processor.chat_template, dict) and template is None:
+            raise ValueError(
+                f"The processor has chat templates {sorted(processor.chat_template)} but none named 'default', which "
+                "VisionLanguageCollator renders: name one 'default'."
+            )
         if not self._prefix_lm and (not isinstance(template, str) or "generation" not in template):
             raise ValueError(
                 "VisionLanguageCollator needs a processor whose chat template marks the assistant turns with "
@@ -172,13 +174,21 @@ class VisionLanguageCollator:
             raise _BadSample(f'its {column!r} column does not match its {{"type": "image"}} blocks: {error}') from None
         # TRL's format also allows images inside the messages (`{"type": "image", "image": <path>}`).
         messages = [self._load_inline_images(message, m) for m, message in enumerate(messages)]
-        roles = [message.get("role") for message in messages]
-        if self._prefix_lm and (roles[-1:] != ["assistant"] or roles.count("assistant") != 1):
-            raise _BadSample(
-                f"{type(self.processor).__name__} is a prefix-LM processor (it takes the answer as `suffix`), so a "
-                f"sample is one prompt and one answer: its messages must end with their only assistant turn, got "
-                f"roles {roles}"
-            )
+        if self._prefix_lm:
+            roles = [message.get("role") for message in messages]
+            if roles[-1:] != ["assistant"] or roles.count("assistant") != 1:
+                raise _BadSample(
+                    f"{type(self.processor).__name__} is a prefix-LM processor (it takes the answer as `suffix`), so "
+                    f"a sample is one prompt and one answer: its messages must end with their only assistant turn, "
+                    f"got roles {roles}"
+                )
+            if not _has_image({"messages": messages}):
+                # transformers 5.24's PaliGemmaProcessor puts its `<s>` after the last image of every sample, and in
+                # a sample without one 6 characters into the prompt.
+                raise _BadSample(
+                    f"it has no image, and {type(self.processor).__name__} needs one in every sample (it would put "
+                    "the `<s>` it inserts after the last image inside the prompt's text)"
+                )
         return {"images": [], "messages": messages}
 
     def _processor_batch(self, samples: list[dict]) -> dict:
@@ -188,14 +198,9 @@ class VisionLanguageCollator:
         prompts, answers, images = [], [], []
         for sample in samples:
             *turns, answer = sample["messages"]
-            parts = [part for turn in turns for part in turn["content"]]
-            images.append([part["image"] for part in parts if part.get("type") == "image"])
-            if self.processor.chat_template:
-                prompts.append(self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
-            else:
-                prompts.append(" ".join(part["text"] for part in parts if part.get("type") == "text"))
+            images.append([part["image"] for turn in turns for part in turn["content"] if part.get("type") == "image"])
+            prompts.append(prompt_text(self.processor, turns))
             answers.append(" ".join(part["text"] for part in answer["content"] if part.get("type") == "text"))
-        images = images if any(images) else None  # none at all: the processor's own error, not an IndexError
         batch = self.processor(
             text=prompts, images=images, suffix=answers, padding=True, padding_side="right", return_tensors="pt"
         )
@@ -315,6 +320,51 @@ class _BadSample(Exception):
     """Why one sample cannot be collated (turned into a `BadSample` with its index)."""
 
 
+def is_prefix_lm(processor: ProcessorMixin) -> bool:
+    """
+    Whether `processor` is a prefix-LM one: it takes the answer apart from the prompt (as `suffix`) and marks it with
+    `token_type_ids` 1, the rest being the model's bidirectional prefix. In `transformers` 5.24:
+    [`~transformers.PaliGemmaProcessor`] (PaliGemma 1 and 2). ColPali's processors take a `suffix` too, with another
+    meaning, so the check is by class.
+    """
+    return isinstance(processor, PaliGemmaProcessor)
+
+
+def prompt_text(processor: ProcessorMixin, turns: Sequence[dict]) -> str:
+    """
+    The prompt of `turns` (the messages before the answer, TRL's format) as text for `processor`: its chat template
+    with the generation prompt; for a prefix-LM processor without one (PaliGemma's checkpoints have none), one image
+    token per image, then the turns' text joined by spaces (the processor puts its `<s>` after the images).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.data.collator import prompt_text
+    >>> from hf_sparse_mllm.tiny import build_tiny_model_and_processor
+    >>> _, processor = build_tiny_model_and_processor("paligemma", words=["what", "color"])
+    >>> turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}]
+    >>> prompt_text(processor, turns)
+    ' user : <image> what color ? assistant :'
+    >>> processor.chat_template = None
+    >>> prompt_text(processor, turns)
+    '<image>what color ?'
+    ```
+    """
+    if processor.chat_template:
+        return processor.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=False)
+    if not is_prefix_lm(processor):
+        raise ValueError(f"{type(processor).__name__} has no chat template to render the prompt with.")
+    parts = [
+        part
+        for turn in turns
+        for part in (
+            turn["content"] if isinstance(turn["content"], list) else [{"type": "text", "text": turn["content"]}]
+        )
+    ]
+    images = sum(part.get("type") == "image" for part in parts)
+    return processor.image_token * images + " ".join(part["text"] for part in parts if part.get("type") == "text")
+
+
 def _has_image(sample: dict[str, Any]) -> bool:
     return any(
         isinstance(part, dict) and part.get("type") == "image"
@@ -359,4 +409,4 @@ def _right_to_left_padding(batch: dict[str, torch.Tensor], keys: list[str]) -> N
         batch[key] = value.gather(1, row_index)
 
 
-__all__ = ["SKIPPED_SAMPLES_KEY", "VisionLanguageCollator"]
+__all__ = ["SKIPPED_SAMPLES_KEY", "VisionLanguageCollator", "is_prefix_lm", "prompt_text"]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..adapters import get_adapter
 from ..compressors import TokenCompressor, check_keep_ratio, check_num_keep, get_compressor
+from ..data.collator import prompt_text
 from ..sparse_forward import Compression, compress_batch, sparse_hooks
 
 # Seed of the generator handed to stochastic compressors at inference, so compressed evaluation is reproducible.
@@ -87,8 +88,10 @@ def length_sort_key(tokenizer, context: str) -> tuple[int, str]:
 
 
 def render_prompt(processor, messages: Sequence[dict]) -> str:
-    """Render the prompt turns of `messages` with the processor's chat template and the generation prompt."""
-    return processor.apply_chat_template(prompt_messages(messages), tokenize=False, add_generation_prompt=True)
+    """Render the prompt turns of `messages` with the processor's chat template and the generation prompt (a
+    prefix-LM processor without one: see [`~hf_sparse_mllm.data.collator.prompt_text`]), as the training collator
+    does."""
+    return prompt_text(processor, prompt_messages(messages))
 
 
 def to_pil(image: Any) -> Image.Image:

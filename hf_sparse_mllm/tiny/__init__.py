@@ -25,24 +25,33 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `llava_next`, `llava_next_video` | `llava_next` | 44, 56 | one run per image | `image_sizes` | list per image |
 | `llava_onevision` | `llava_next` | 44, 56 (17 each in a multi-image sample) | one run per image | `image_sizes`, `batch_num_images` | list per image |
 | `vipllava` | `vipllava` | 16, 16 | one run per image | - | tensor `(images, 16, hidden)` |
-| `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe` | `qwen` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
-| `glm4v`, `glm4v_moe` | `glm` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
+| `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe` | `qwen` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
+| `glm4v`, `glm4v_moe`, `glm46v` | `glm` | 12, 18 | one run per image, between start and end tokens | `image_grid_thw`, `mm_token_type_ids` | tuple per image |
 | `idefics3`, `smolvlm` | `idefics` | 80, 48 (100 x 20) | one run of 16 per tile, tiles separated by text | `pixel_attention_mask` | list per batch row |
 | `internvl` | `internvl` | 16, 48 | one run per image, between `<img>` and `</img>` | - | tensor `(tiles, 16, hidden)` |
 | `aya_vision` | `aya_vision` | 16, 48 | one run of 16 per tile, tiles separated by text (`TILE_1`, ..., `TILE_GLOBAL`) | - | tensor `(tiles, 16, hidden)` |
 | `gemma3` | `gemma` | 16, 16 | one run per image, between start and end tokens | `token_type_ids` | tensor `(images, 16, hidden)` |
+| `gemma4` | `gemma4` | 63 (7 x 9), 55 (11 x 5) | one run per image, between start and end tokens | `image_position_ids`, `mm_token_type_ids` | tuple per image |
 | `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
 | `mistral3` | `mistral3` | 20 (4 x 5), 18 (6 x 3) | one run per image row, separated by `[IMG_BREAK]`, `[IMG_END]` last | `image_sizes` | tuple per image |
 
 Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, LLaVA-NeXT-Video,
-SmolVLM, InternVL) are replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video processor
-needs torchvision. Mistral3's `PixtralProcessor` needs torchvision too; its builder has `TinyPixtralProcessor`, the
-same placeholder expansion. Every family with an adapter has a builder.
+SmolVLM, InternVL, Gemma 4) are replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video
+processor needs torchvision (`ImageOnlyGemma4Processor` also drops Gemma 4's audio feature extractor). Mistral3's
+`PixtralProcessor` needs torchvision too; its builder has `TinyPixtralProcessor`, the same placeholder expansion. Every family with an adapter has a builder.
 """
 
 from .aya_vision import build_tiny_aya_vision
 from .gemma import build_tiny_gemma3, build_tiny_paligemma
-from .glm import GLM_IMAGE_PLACEHOLDER, ImageOnlyGlm4vProcessor, build_tiny_glm4v, build_tiny_glm4v_moe
+from .gemma4 import ImageOnlyGemma4Processor, build_tiny_gemma4
+from .glm import (
+    GLM_IMAGE_PLACEHOLDER,
+    ImageOnlyGlm4vProcessor,
+    ImageOnlyGlm46VProcessor,
+    build_tiny_glm4v,
+    build_tiny_glm4v_moe,
+    build_tiny_glm46v,
+)
 from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
 from .internvl import ImageOnlyInternVLProcessor, build_tiny_internvl
 from .llava import (
@@ -66,6 +75,8 @@ from .qwen import (
     ImageOnlyQwen3VLProcessor,
     build_tiny_qwen2_5_vl,
     build_tiny_qwen2_vl,
+    build_tiny_qwen3_5,
+    build_tiny_qwen3_5_moe,
     build_tiny_qwen3_vl,
     build_tiny_qwen3_vl_moe,
 )
@@ -76,7 +87,9 @@ from .vipllava import build_tiny_vipllava
 __all__ = [
     "CHAT_TEMPLATE",
     "GLM_IMAGE_PLACEHOLDER",
+    "ImageOnlyGemma4Processor",
     "ImageOnlyGlm4vProcessor",
+    "ImageOnlyGlm46VProcessor",
     "ImageOnlyInternVLProcessor",
     "ImageOnlyLlavaNextVideoProcessor",
     "ImageOnlyLlavaOnevisionProcessor",
@@ -89,8 +102,10 @@ __all__ = [
     "TinyPixtralProcessor",
     "build_tiny_aya_vision",
     "build_tiny_gemma3",
+    "build_tiny_gemma4",
     "build_tiny_glm4v",
     "build_tiny_glm4v_moe",
+    "build_tiny_glm46v",
     "build_tiny_idefics3",
     "build_tiny_internvl",
     "build_tiny_llava",
@@ -106,6 +121,8 @@ __all__ = [
     "build_tiny_qwen2_vl",
     "build_tiny_qwen3_vl",
     "build_tiny_qwen3_vl_moe",
+    "build_tiny_qwen3_5",
+    "build_tiny_qwen3_5_moe",
     "build_tiny_smolvlm",
     "build_tiny_vipllava",
     "build_word_tokenizer",

@@ -1,6 +1,7 @@
-"""Tiny GLM-4V (`glm4v`, GLM-4.1V) and GLM-4.5V (`glm4v_moe`, a mixture-of-experts decoder): Qwen2-VL-like.
+"""Tiny GLM-4V (`glm4v`, GLM-4.1V), GLM-4.5V (`glm4v_moe`, a mixture-of-experts decoder) and GLM-4.6V (`glm46v`):
+Qwen2-VL-like.
 
-Geometry (defaults, both): as the Qwen families' ([`build_tiny_qwen2_vl`]): 8 px patches merged 2 x 2, images
+Geometry (defaults, all three): as the Qwen families' ([`build_tiny_qwen2_vl`]): 8 px patches merged 2 x 2, images
 resized to multiples of 16 px with between 32 x 32 and 96 x 96 pixels, e.g. 12 visual tokens for a 64 x 48
 (width x height) image (`image_grid_thw` `[1, 6, 8]`) and 18 for 48 x 96 (`[1, 12, 6]`). The image processor is
 [`~transformers.Glm4vImageProcessorPil`], whose pixel limits count both temporal copies of an image (the builder
@@ -17,8 +18,12 @@ GLM-4.5V's decoder here: layer 0 dense (`first_k_dense_replace=1`), the others 4
 one shared expert; half of each head is rotated (`partial_rotary_factor=0.5`, the stock config's), so the M-RoPE
 sections split 4 frequencies, not 8.
 
-The processor is an image-only subclass of [`~transformers.Glm4vProcessor`] ([`ImageOnlyGlm4vProcessor`]; both
-families use it), since the stock one holds a torchvision-only video processor (see `register_processor`).
+GLM-4.6V is GLM-4V's tower and decoder under its own config, processor ([`ImageOnlyGlm46VProcessor`]) and image
+processor ([`~transformers.Glm46VImageProcessorPil`]), with the same layout and positions.
+
+The processors are image-only subclasses of [`~transformers.Glm4vProcessor`] ([`ImageOnlyGlm4vProcessor`], for the
+first two families) and [`~transformers.Glm46VProcessor`], since the stock ones hold a torchvision-only video
+processor (see `register_processor`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from transformers import (
     Glm4vMoeConfig,
     Glm4vMoeForConditionalGeneration,
     Glm4vProcessor,
+    Glm46VConfig,
+    Glm46VForConditionalGeneration,
+    Glm46VImageProcessorPil,
+    Glm46VProcessor,
 )
 
 from ._common import Unpack, register_processor
@@ -65,14 +74,26 @@ class ImageOnlyGlm4vProcessor(_ImageOnly, Glm4vProcessor):
     """
 
 
-def _family(config_class, model_class, partial_rotary_factor=1.0, **moe) -> MRopeFamily:
+@register_processor
+class ImageOnlyGlm46VProcessor(_ImageOnly, Glm46VProcessor):
+    """[`~transformers.Glm46VProcessor`] without its video processor (see [`ImageOnlyGlm4vProcessor`])."""
+
+
+def _family(
+    config_class,
+    model_class,
+    partial_rotary_factor=1.0,
+    processor_class=ImageOnlyGlm4vProcessor,
+    image_processor_class=Glm4vImageProcessorPil,
+    **moe,
+) -> MRopeFamily:
     return MRopeFamily(
         config_class,
         model_class,
-        ImageOnlyGlm4vProcessor,
+        processor_class,
         GLM_TOKENS,
         GLM_IMAGE_PLACEHOLDER,
-        image_processor_class=Glm4vImageProcessorPil,
+        image_processor_class=image_processor_class,
         frames_in_pixel_limits=2,
         moe=moe or None,
         partial_rotary_factor=partial_rotary_factor,
@@ -89,6 +110,12 @@ _GLM = {
         n_shared_experts=1,
         first_k_dense_replace=1,
         partial_rotary_factor=0.5,  # the stock config's: half of each head rotated
+    ),
+    "glm46v": _family(
+        Glm46VConfig,
+        Glm46VForConditionalGeneration,
+        processor_class=ImageOnlyGlm46VProcessor,
+        image_processor_class=Glm46VImageProcessorPil,
     ),
 }
 
@@ -144,3 +171,27 @@ def build_tiny_glm4v_moe(
     ```
     """
     return build_mrope_family("glm4v_moe", _GLM["glm4v_moe"], words, kwargs)
+
+
+@register_tiny_family("glm46v")
+def build_tiny_glm46v(
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
+) -> tuple[Glm46VForConditionalGeneration, ImageOnlyGlm46VProcessor]:
+    """
+    Build a tiny GLM-4.6V (`glm46v`: GLM-4V's tower and decoder, its own processor) and its image-only processor,
+    offline.
+
+    The arguments are those of [`build_tiny_glm4v`].
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from hf_sparse_mllm.tiny import GLM_IMAGE_PLACEHOLDER, build_tiny_model_and_processor
+    >>> model, processor = build_tiny_model_and_processor("glm46v", words=["red"])
+    >>> inputs = processor(text=[GLM_IMAGE_PLACEHOLDER + " red"], images=[Image.new("RGB", (48, 96))], return_tensors="pt")
+    >>> type(processor).__name__, inputs["image_grid_thw"].tolist(), inputs["mm_token_type_ids"].sum().item()
+    ('ImageOnlyGlm46VProcessor', [[1, 12, 6]], 18)
+    ```
+    """
+    return build_mrope_family("glm46v", _GLM["glm46v"], words, kwargs)

@@ -1,7 +1,7 @@
-"""Tiny Qwen2-VL (`qwen2_vl`), Qwen2.5-VL (`qwen2_5_vl`), Qwen3-VL (`qwen3_vl`) and Qwen3-VL-MoE (`qwen3_vl_moe`):
-dynamic resolution, M-RoPE.
+"""Tiny Qwen2-VL (`qwen2_vl`), Qwen2.5-VL (`qwen2_5_vl`), Qwen3-VL (`qwen3_vl`), Qwen3-VL-MoE (`qwen3_vl_moe`),
+Qwen3.5 (`qwen3_5`) and Qwen3.5-MoE (`qwen3_5_moe`): dynamic resolution, M-RoPE.
 
-Geometry (defaults, all four): 8 px patches merged 2 x 2, so one visual token per 16 x 16 pixels. The image
+Geometry (defaults, all six): 8 px patches merged 2 x 2, so one visual token per 16 x 16 pixels. The image
 processor ([`~transformers.Qwen2VLImageProcessorPil`], shared by the four families) resizes every image to
 multiples of 16 px with between 32 x 32 and 96 x 96 pixels (`min_pixels=1024`, `max_pixels=9216`): 4 to 36
 visual tokens, `t * h * w / 4` from `image_grid_thw` `(images, 3)`, e.g. 12 tokens for a 64 x 48 (width x height)
@@ -20,6 +20,12 @@ Each image is `<|vision_start|> <|image_pad|> x N <|vision_end|>` in `input_ids`
   vision block 0): `get_image_features` also returns `deepstack_features`, a list over levels of tuples per image.
 - Qwen3-VL-MoE is Qwen3-VL (same tower, deepstack and processor) with a mixture-of-experts decoder: here 4 experts
   per layer, 2 per token, their weights fused into one `(experts, ...)` parameter per projection.
+- Qwen3.5 has Qwen3-VL's tower without deepstack and a hybrid decoder: linear-attention (Gated DeltaNet) layers and
+  full-attention layers alternate (`full_attention_interval=2`: every second layer attends fully). Qwen3.5-MoE adds
+  4 experts per layer (2 per token) and a shared expert. Both use Qwen3-VL's processor, as the stock checkpoints do.
+  Their saved processors do not reload as they were: `AutoTokenizer` loads `Qwen3_5Tokenizer` for these model
+  types whatever `tokenizer_config.json` says, and that BPE class cannot hold the tiny word-level tokenizer (the
+  models reload, and real Qwen3.5 tokenizers are of that class).
 
 The processors are image-only subclasses of the stock ones ([`ImageOnlyQwen2VLProcessor`], ...), since the stock
 ones hold a torchvision-only video processor (see `register_processor` in `_common.py`).
@@ -41,6 +47,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -219,6 +229,51 @@ def build_tiny_qwen3_vl_moe(
     return _build("qwen3_vl_moe", words, kwargs)
 
 
+@register_tiny_family("qwen3_5")
+def build_tiny_qwen3_5(
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
+) -> tuple[Qwen3_5ForConditionalGeneration, ImageOnlyQwen3VLProcessor]:
+    """
+    Build a tiny Qwen3.5 (Qwen3-VL's vision tower without deepstack, a decoder whose linear-attention and
+    full-attention layers alternate) and its image-only processor (Qwen3-VL's, as for the stock checkpoints), offline.
+
+    The arguments are those of [`build_tiny_qwen2_vl`]. On CPU the linear-attention layers run `transformers`'
+    PyTorch reference kernels.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen3_5
+    >>> model, processor = build_tiny_qwen3_5(words=["red"])
+    >>> model.config.text_config.layer_types
+    ['linear_attention', 'full_attention']
+    ```
+    """
+    return _build("qwen3_5", words, kwargs)
+
+
+@register_tiny_family("qwen3_5_moe")
+def build_tiny_qwen3_5_moe(
+    *, words: Iterable[str], **kwargs: Unpack[QwenBuilderKwargs]
+) -> tuple[Qwen3_5MoeForConditionalGeneration, ImageOnlyQwen3VLProcessor]:
+    """
+    Build a tiny Qwen3.5-MoE ([`build_tiny_qwen3_5`] with a mixture-of-experts decoder: 4 experts of
+    `intermediate_size` per layer, 2 per token, and a shared expert of the same width) and its image-only processor,
+    offline.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse_mllm.tiny import build_tiny_qwen3_5_moe
+    >>> model, processor = build_tiny_qwen3_5_moe(words=["red"])
+    >>> text = model.config.text_config
+    >>> text.num_experts, text.num_experts_per_tok, text.layer_types
+    (4, 2, ['linear_attention', 'full_attention'])
+    ```
+    """
+    return _build("qwen3_5_moe", words, kwargs)
+
+
 def _vision_config(family: str, build: TinyBuild, patch_size: int) -> dict:
     shape = build.shape
     shared = dict(
@@ -241,6 +296,8 @@ def _vision_config(family: str, build: TinyBuild, patch_size: int) -> dict:
         return dict(shared, window_size=4 * patch_size, fullatt_block_indexes=[shape["vision_layers"] - 1])
     if family.startswith("qwen3_vl"):
         return dict(shared, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    if family.startswith("qwen3_5"):
+        return dict(shared, num_position_embeddings=64)
     return dict(shared, image_size=8 * patch_size)  # GLM-4V: learned position embeddings on an 8 x 8 grid
 
 
@@ -264,6 +321,10 @@ class MRopeFamily:
             temporal copies of an image).
         moe (`Mapping[str, int]`, *optional*):
             Text config fields of a mixture-of-experts decoder; its experts get `intermediate_size`.
+        moe_widths (`tuple[str, ...]`, *optional*, defaults to `("moe_intermediate_size",)`):
+            The text config fields that get `intermediate_size` in a mixture-of-experts decoder.
+        text (`Mapping[str, object]`, *optional*):
+            Other text config fields of the family (e.g. Qwen3.5's linear-attention layers).
         partial_rotary_factor (`float`, *optional*, defaults to `1.0`):
             The share of each head that is rotated (GLM-4.5V's stock config: 0.5); the M-RoPE sections split it.
 
@@ -286,9 +347,20 @@ class MRopeFamily:
     image_processor_class: type = Qwen2VLImageProcessorPil
     frames_in_pixel_limits: int = 1
     moe: Mapping[str, int] | None = None
+    moe_widths: tuple[str, ...] = ("moe_intermediate_size",)
+    text: Mapping[str, object] | None = None
     partial_rotary_factor: float = 1.0
 
 
+# Qwen3.5's Gated DeltaNet layers, tiny: every second decoder layer attends fully, the others are linear attention.
+_QWEN3_5_LINEAR_ATTENTION = dict(
+    full_attention_interval=2,
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
 _QWEN = {
     "qwen2_vl": MRopeFamily(
         Qwen2VLConfig, Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor, QWEN_TOKENS, IMAGE_PLACEHOLDER
@@ -311,6 +383,24 @@ _QWEN = {
         QWEN_TOKENS,
         IMAGE_PLACEHOLDER,
         moe=dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1),
+    ),
+    "qwen3_5": MRopeFamily(
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        ImageOnlyQwen3VLProcessor,
+        QWEN_TOKENS,
+        IMAGE_PLACEHOLDER,
+        text=_QWEN3_5_LINEAR_ATTENTION,
+    ),
+    "qwen3_5_moe": MRopeFamily(
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+        ImageOnlyQwen3VLProcessor,
+        QWEN_TOKENS,
+        IMAGE_PLACEHOLDER,
+        moe=dict(num_experts=4, num_experts_per_tok=2),
+        moe_widths=("moe_intermediate_size", "shared_expert_intermediate_size"),
+        text=_QWEN3_5_LINEAR_ATTENTION,
     ),
 }
 
@@ -360,9 +450,11 @@ def build_mrope_family(family: str, spec: MRopeFamily, words: Iterable[str], kwa
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
     if spec.partial_rotary_factor != 1:
         rope_parameters["partial_rotary_factor"] = spec.partial_rotary_factor
-    moe = dict(spec.moe, moe_intermediate_size=build.shape["intermediate_size"]) if spec.moe else {}
+    width = build.shape["intermediate_size"]
+    moe = dict(spec.moe, **dict.fromkeys(spec.moe_widths, width)) if spec.moe else {}
+    text = dict(build.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters, **moe)
     config = spec.config_class(
-        text_config=dict(build.text_config(tokenizer), head_dim=head_dim, rope_parameters=rope_parameters, **moe),
+        text_config=dict(text, **(spec.text or {})),
         vision_config=_vision_config(family, build, patch_size),
         **{f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in spec.tokens.items()},
         tie_word_embeddings=False,
