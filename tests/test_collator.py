@@ -197,6 +197,7 @@ FAMILIES = [
     "internvl",
     "mistral3",
     "aya_vision",
+    "lfm2_vl",
     "paligemma",
 ]
 # SmolVLM's processor imports `num2words` (for video prompts) even when it only processes images.

@@ -302,6 +302,11 @@ FAMILIES = {
         extra_inputs=frozenset({"image_position_ids", "mm_token_type_ids"}),
     ),
     "aya_vision": FamilyCase(sizes=((40, 30), (30, 60)), counts=(16, 48)),
+    "lfm2_vl": FamilyCase(
+        sizes=((40, 30), (80, 40)),
+        counts=(12, 42),
+        extra_inputs=frozenset({"pixel_attention_mask", "spatial_shapes"}),
+    ),
     "mistral3": FamilyCase(sizes=((40, 30), (30, 60)), counts=(20, 18), extra_inputs=frozenset({"image_sizes"})),
     "paligemma": FamilyCase(
         sizes=((40, 30), (30, 60)),

@@ -18,6 +18,7 @@ from .gemma3 import Gemma3Adapter
 from .gemma4 import Gemma4Adapter
 from .idefics3 import Idefics3Adapter, PerTileAdapter
 from .internvl import InternVLAdapter
+from .lfm2_vl import Lfm2VlAdapter
 from .llava import FixedGridAdapter, LlavaAdapter, VipLlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .mistral3 import Mistral3Adapter
@@ -33,6 +34,7 @@ __all__ = [
     "Glm4vAdapter",
     "Idefics3Adapter",
     "InternVLAdapter",
+    "Lfm2VlAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",

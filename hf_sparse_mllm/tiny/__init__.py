@@ -30,6 +30,7 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 | `idefics3`, `smolvlm` | `idefics` | 80, 48 (100 x 20) | one run of 16 per tile, tiles separated by text | `pixel_attention_mask` | list per batch row |
 | `internvl` | `internvl` | 16, 48 | one run per image, between `<img>` and `</img>` | - | tensor `(tiles, 16, hidden)` |
 | `aya_vision` | `aya_vision` | 16, 48 | one run of 16 per tile, tiles separated by text (`TILE_1`, ..., `TILE_GLOBAL`) | - | tensor `(tiles, 16, hidden)` |
+| `lfm2_vl` | `lfm2_vl` | 12 (3 x 4), 10 (5 x 2); 42 for 80 x 40 (2 tiles of 16 + a thumbnail of 10) | one run per tile, tiles separated by text (`<|img_row_r_col_c|>`, ..., `<|img_thumbnail|>`) | `pixel_attention_mask`, `spatial_shapes` | list per tile |
 | `gemma3` | `gemma` | 16, 16 | one run per image, between start and end tokens | `token_type_ids` | tensor `(images, 16, hidden)` |
 | `gemma4` | `gemma4` | 63 (7 x 9), 55 (11 x 5) | one run per image, between start and end tokens | `image_position_ids`, `mm_token_type_ids` | tuple per image |
 | `paligemma` | `gemma` | 16, 16 | one run per image | `token_type_ids`, `labels` | tensor `(images, 16, hidden)` |
@@ -38,7 +39,9 @@ the default shapes (visual tokens for a 40 x 30 and a 30 x 60 image, width x hei
 Processors that hold a video processor in `transformers` (Qwen family, GLM-4V, LLaVA-OneVision, LLaVA-NeXT-Video,
 SmolVLM, InternVL, Gemma 4) are replaced by image-only subclasses (`ImageOnlyQwen2VLProcessor`, ...): every video
 processor needs torchvision (`ImageOnlyGemma4Processor` also drops Gemma 4's audio feature extractor). Mistral3's
-`PixtralProcessor` needs torchvision too; its builder has `TinyPixtralProcessor`, the same placeholder expansion. Every family with an adapter has a builder.
+`PixtralProcessor` needs torchvision too; its builder has `TinyPixtralProcessor`, the same placeholder expansion.
+LFM2-VL's image processor has only a torchvision backend; its builder has `TinyLfm2VlImageProcessor`, the same
+geometry with PIL. Every family with an adapter has a builder.
 """
 
 from .aya_vision import build_tiny_aya_vision
@@ -54,6 +57,7 @@ from .glm import (
 )
 from .idefics import ImageOnlySmolVLMProcessor, build_tiny_idefics3, build_tiny_smolvlm
 from .internvl import ImageOnlyInternVLProcessor, build_tiny_internvl
+from .lfm2_vl import TinyLfm2VlImageProcessor, build_tiny_lfm2_vl
 from .llava import (
     TINY_LLAVA_PRESETS,
     TinyLlavaPreset,
@@ -98,6 +102,7 @@ __all__ = [
     "ImageOnlyQwen3VLProcessor",
     "ImageOnlySmolVLMProcessor",
     "TINY_LLAVA_PRESETS",
+    "TinyLfm2VlImageProcessor",
     "TinyLlavaPreset",
     "TinyPixtralProcessor",
     "build_tiny_aya_vision",
@@ -108,6 +113,7 @@ __all__ = [
     "build_tiny_glm46v",
     "build_tiny_idefics3",
     "build_tiny_internvl",
+    "build_tiny_lfm2_vl",
     "build_tiny_llava",
     "build_tiny_llava_and_processor",
     "build_tiny_llava_next",
