@@ -35,6 +35,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return decoder(model).layers
 
 
+def kv_store_layers(model: nn.Module) -> frozenset[int]:
+    """Decoder layers whose keys and values later layers reuse (`text_config.kv_sharing_modes` "store", e.g. Gemma 4
+    with `num_kv_shared_layers`): a skipped one would leave those layers nothing to read, so they always run."""
+    text = base_model(model).config.get_text_config()
+    modes = getattr(text, "kv_sharing_modes", None) if getattr(text, "num_kv_shared_layers", 0) else None
+    return frozenset(i for i, mode in enumerate(modes or ()) if mode == "store")
+
+
 def text_hidden_size(model: nn.Module) -> int:
     config = base_model(model).config
     return config.get_text_config().hidden_size

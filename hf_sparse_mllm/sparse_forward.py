@@ -150,7 +150,9 @@ def compress_batch(
         raise ValueError(f"{type(adapter).__name__}.isolator_runs must put the isolator before the first run.")
     isolators = [compression.num_isolator_tokens * first for first in flags]
     lengths = [k + iso for k, iso in zip(kept, isolators)]
-    shortened, index_map, run_slots = shorten_runs(inputs, layout, lengths, adapter.pad_token_id)
+    shortened, index_map, run_slots = shorten_runs(
+        inputs, layout, lengths, adapter.pad_token_id, visual_inputs=adapter.visual_inputs
+    )
     batch = CompressedBatch(shortened, layout, budgets, kept, isolators, index_map, run_slots, full_positions)
     if full_positions is not None:
         # Provisional (the first tokens of each run): the language model gets the selected ones (`sparse_hooks`).
@@ -158,8 +160,15 @@ def compress_batch(
     return batch
 
 
-def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad_token_id: int):
-    """Gather every per-token tensor so that run `r` has `new_lengths[r]` slots; re-pad; drop all-padding columns."""
+def shorten_runs(
+    inputs: dict,
+    layout: VisualLayout,
+    new_lengths: list[int],
+    pad_token_id: int,
+    visual_inputs: tuple[str, ...] = (),
+):
+    """Gather every per-token tensor (a `(batch, seq, ...)` one not named in `visual_inputs`) so that run `r` has
+    `new_lengths[r]` slots; re-pad; drop all-padding columns."""
     input_ids = inputs["input_ids"]
     batch, seq_len = input_ids.shape
     by_row = defaultdict(list)
@@ -191,7 +200,7 @@ def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad
     pad_values = {"input_ids": pad_token_id, "labels": -100}
     out = dict(inputs)
     for key, value in inputs.items():
-        if _is_per_token(key, value, (batch, seq_len)) and key != "position_ids":
+        if _is_per_token(key, value, (batch, seq_len), visual_inputs) and key != "position_ids":
             out[key] = _gather_tokens(value, index_map.to(value.device), pad_values.get(key, 0))
     if out.get("attention_mask") is not None:
         # Columns that are padding in every row only cost compute.
@@ -199,7 +208,7 @@ def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad
         if len(used) and (used[0] > 0 or used[-1] < new_len - 1):
             lo, hi = int(used[0]), int(used[-1]) + 1
             for key, value in out.items():
-                if _is_per_token(key, value, (batch, new_len)):
+                if _is_per_token(key, value, (batch, new_len), visual_inputs):
                     out[key] = value[:, lo:hi]
             index_map = index_map[:, lo:hi]
             slots = [(row, slot - lo) for row, slot in slots]
@@ -211,18 +220,14 @@ def shorten_runs(inputs: dict, layout: VisualLayout, new_lengths: list[int], pad
     return out, index_map, slots
 
 
-# Image and video inputs are never per-token, even when their first two sizes happen to be (rows, tokens): e.g. Gemma 4's
-# `pixel_values` and `image_position_ids` are (images, patches, ...).
-_VISUAL_INPUT_PREFIXES = ("pixel_", "image_", "video_")
-
-
-def _is_per_token(key: str, value, shape: tuple[int, int]) -> bool:
-    """Whether `inputs[key]` is a `(batch, seq, ...)` tensor aligned with `input_ids` of `shape`."""
+def _is_per_token(key: str, value, shape: tuple[int, int], visual_inputs: tuple[str, ...]) -> bool:
+    """Whether `inputs[key]` is a `(batch, seq, ...)` tensor aligned with `input_ids` of `shape` (image inputs never
+    are, even when their first two sizes happen to be `shape`)."""
     return (
         isinstance(value, torch.Tensor)
         and value.dim() >= 2
         and tuple(value.shape[:2]) == shape
-        and not key.startswith(_VISUAL_INPUT_PREFIXES)
+        and key not in visual_inputs
     )
 
 

@@ -395,3 +395,44 @@ def test_redundancy_measurement_ignores_padding():
         model, processor = tiny_llava(padding_side=side, num_hidden_layers=3)
         values.append(analyze_redundancy(model, [collate(processor, make_dataset(3))]).layer_similarity)
     np.testing.assert_allclose(values[0], values[1], atol=1e-4)
+
+
+def test_layers_whose_keys_and_values_are_reused_always_run(tmp_path):
+    """Gemma 4 with KV sharing: the last layer of each attention type before the shared ones stores keys and values
+    that the shared layers read, so no policy skips it and `fixed` refuses to name it."""
+    from PIL import Image
+    from transformers import Gemma4ForConditionalGeneration
+
+    from hf_sparse_mllm import model_parts
+    from hf_sparse_mllm.tiny import build_tiny_model_and_processor
+
+    model, processor = build_tiny_model_and_processor("gemma4", words=["what", "color", "red"], num_hidden_layers=4)
+    config = copy.deepcopy(model.config)
+    config.text_config.num_kv_shared_layers = 2
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(config)
+    assert model_parts.kv_store_layers(model) == {0, 1}  # layers 2 and 3 reuse what 0 and 1 store
+    sample = {
+        "images": [Image.new("RGB", (40, 30), "red")],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+    }
+
+    def trainer(**recipe):
+        return SparseMLLMTrainer(
+            model=model,
+            args=training_args(tmp_path, max_steps=3),
+            train_dataset=[sample] * 3,
+            data_collator=VisionLanguageCollator(processor),
+            sparse_config=SparseMLLMConfig(token_compressor=None, protect_layers=0, **recipe),
+        )
+
+    with pytest.raises(ValueError, match=r"skip_layers \[1\] cannot be skipped: later decoder layers reuse"):
+        trainer(layer_skip_policy="fixed", skip_layers=[1, 3])
+    skipping = trainer(layer_skip_policy="stochastic", max_skip_prob=0.99)
+    decisions = [skipping.layer_skipper.decide(step) for step in range(20)]
+    assert any(decisions) and not {layer for layers in decisions for layer in layers} & {0, 1}
+    skipping.train()  # a skipped storing layer would be a KeyError in the shared layers' attention
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in skipping.state.log_history if "loss" in e)

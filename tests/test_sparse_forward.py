@@ -51,7 +51,7 @@ def test_shorten_keeps_text_and_repads_left():
 
 def test_image_inputs_shaped_like_the_tokens_are_not_gathered():
     """Two images of 12 patches beside two rows of 12 tokens (Gemma 4's `(images, patches, ...)` inputs): only the
-    per-token tensors are shortened."""
+    per-token tensors are shortened, not the adapter's `visual_inputs`."""
     input_ids = torch.tensor(
         [[1, IMG, IMG, IMG, IMG, 2, 3, 4, 5, 6, 7, 8], [1, IMG, IMG, IMG, IMG, 2, 3, 4, 5, 6, 7, 8]]
     )
@@ -62,7 +62,8 @@ def test_image_inputs_shaped_like_the_tokens_are_not_gathered():
         "pixel_values": torch.randn(2, 12, 48),
         "image_position_ids": torch.arange(24).view(2, 12, 1).expand(2, 12, 2),
     }
-    out, _, _ = shorten_runs(inputs, _layout(input_ids), [2, 2], pad_token_id=P)
+    visual = ("pixel_values", "image_position_ids")
+    out, _, _ = shorten_runs(inputs, _layout(input_ids), [2, 2], pad_token_id=P, visual_inputs=visual)
     assert out["input_ids"].shape == out["token_type_ids"].shape == (2, 10)
     assert out["pixel_values"] is inputs["pixel_values"] and out["image_position_ids"] is inputs["image_position_ids"]
 

@@ -175,9 +175,13 @@ class ArchitectureAdapter:
     Attributes:
         selected_outputs (`tuple[str, ...]`): other fields of `get_image_features`' output that hold per-token
             features aligned with `pooler_output` (e.g. Qwen3-VL's `deepstack_features`); they follow the selection.
+        visual_inputs (`tuple[str, ...]`): batch keys of image inputs, never gathered with the tokens when the
+            sequence is shortened, even where their first two sizes happen to be `(batch, seq)` (e.g. Gemma 4's
+            `(images, patches, ...)` `image_position_ids`).
     """
 
     selected_outputs: tuple[str, ...] = ()
+    visual_inputs: tuple[str, ...] = ("pixel_values", "pixel_attention_mask", "pixel_values_videos")
 
     def __init__(self, model: nn.Module):
         self.model = model_parts.base_model(model)

@@ -44,6 +44,8 @@ class Gemma4Adapter(ArchitectureAdapter):
     ```
     """
 
+    visual_inputs = (*ArchitectureAdapter.visual_inputs, "image_position_ids")
+
     def _kernel(self) -> int:
         return self.config.vision_config.pooling_kernel_size
 

@@ -26,6 +26,8 @@ class LayerSkipper:
         policy_fields (`dict`): the policy's configuration (`SparseMLLMConfig.skip_policy_fields()`).
         num_layers (`int`): decoder depth.
         seed (`int`): seed of the decisions.
+        always_run (`frozenset[int]`, *optional*): layers never skipped whatever the policy decides (layers whose
+            keys and values later layers reuse, see `model_parts.kv_store_layers`).
 
     Example:
 
@@ -38,11 +40,19 @@ class LayerSkipper:
     ```
     """
 
-    def __init__(self, policy_name: str, policy_fields: dict, num_layers: int, seed: int):
+    def __init__(
+        self,
+        policy_name: str,
+        policy_fields: dict,
+        num_layers: int,
+        seed: int,
+        always_run: frozenset[int] = frozenset(),
+    ):
         self.policy = get_skip_policy(policy_name)
         self.fields = dict(policy_fields)
         self.num_layers = num_layers
         self.seed = seed
+        self.always_run = frozenset(always_run)
         self.redundancy: list[float] | None = None  # last measured per-layer input/output similarity
         self.skip_counts = [0] * num_layers  # optimizer steps on which each layer was skipped
         self._counted_step = -1
@@ -60,7 +70,8 @@ class LayerSkipper:
         if self.is_measuring_step(step):
             return ()
         rng = step_random(self.seed, STREAM_SKIP, step)
-        return self.policy.decide(step, self.num_layers, rng=rng, redundancy=self.redundancy, **self.fields)
+        layers = self.policy.decide(step, self.num_layers, rng=rng, redundancy=self.redundancy, **self.fields)
+        return tuple(layer for layer in layers if layer not in self.always_run)
 
     @contextlib.contextmanager
     def during_micro_step(self, plan, decoder: nn.Module) -> Iterator[None]:
