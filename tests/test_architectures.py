@@ -314,3 +314,79 @@ def test_layer_skipping_needs_no_adapter(tmp_path):
     trainer.training_step(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     assert all(p.grad is None for p in model.model.layers[1].parameters())
     assert all(p.grad is not None for p in model.model.layers[0].parameters())
+
+
+def test_the_base_class_is_the_adapter_of_a_family_following_the_common_layout():
+    """What the no-adapter error promises: Cohere2-Vision (not registered) writes each image tile as one run of
+    `image_token_id` placeholders (then a line-break token), so `register_adapter(...)(ArchitectureAdapter)` compresses
+    it: keeping every token gives the full logits, and DivPrune shortens every tile's run."""
+    from transformers import (
+        Cohere2Config,
+        Cohere2VisionConfig,
+        Cohere2VisionForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    from hf_sparse_mllm.adapters import base, register_adapter
+
+    image, line_break, start, end, pad = 60, 59, 57, 58, 0
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    text = Cohere2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=pad,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
+    config = Cohere2VisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image,
+        downsample_factor=2,
+        alignment_intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    model = Cohere2VisionForConditionalGeneration(config).eval()
+
+    def tiles(count):  # 16 px tiles of 4 px patches, pixel-shuffled by 2: 4 tokens per tile
+        return [start] + ([image] * 4 + [line_break]) * count + [end]
+
+    rows = [[1, 5, *tiles(3), 6, 7, 8, 9, 2], [1, 5, *tiles(2), 6, 10, 11, 2], [1, 5, 6, 7, 12, 13, 2]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    labels = torch.full_like(input_ids, -100)
+    for i, row in enumerate(rows):
+        labels[i, len(row) - 3 : len(row)] = input_ids[i, len(row) - 3 : len(row)]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != pad).long(),
+        "labels": labels,
+        "pixel_values": torch.rand(5, 3, 16, 16),  # the tiles of both images, in order
+    }
+    assert "cohere2_vision" not in supported_model_types()
+    register_adapter("cohere2_vision")(ArchitectureAdapter)
+    try:
+        adapter = get_adapter(model)
+        assert [run.length for run in adapter.layout(batch).runs] == [4] * 5
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        compression = Compression(get_compressor("divprune"), keep_ratio=1.0)
+        short = compress_batch(adapter, batch, compression)
+        with torch.no_grad():
+            full = model(**inputs, use_cache=False).logits
+            with sparse_hooks(adapter, short, compression):
+                same = model(**{k: v for k, v in short.inputs.items() if k != "labels"}, use_cache=False).logits
+        answers = next_token_targets(batch["labels"]) != -100
+        torch.testing.assert_close(same[answers], full[answers], atol=1e-5, rtol=0)
+        compression = Compression(get_compressor("divprune"), keep_ratio=0.25)
+        short = compress_batch(adapter, batch, compression)
+        with torch.no_grad(), sparse_hooks(adapter, short, compression):
+            loss = model(**short.inputs, use_cache=False).loss
+        assert torch.isfinite(loss) and short.kept == [1] * 5
+    finally:
+        del base._ADAPTERS["cohere2_vision"]

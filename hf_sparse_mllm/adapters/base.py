@@ -94,7 +94,9 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
             f"({type(model).__name__}). Supported architectures: {supported_model_types()}. Without compression "
             "(token_compressor=None) any model trains; to compress this one, write an adapter (one file, see "
             "docs/adding_an_architecture.md) and register it with @hf_sparse_mllm.adapters.register_adapter"
-            f"({model_type!r})."
+            f"({model_type!r}). Where each image (or tile) is one run of `config.image_token_id` placeholders, "
+            "filled in order by `get_image_features(...).pooler_output`, with 1-D positions, the base class is "
+            f"enough: hf_sparse_mllm.adapters.register_adapter({model_type!r})(ArchitectureAdapter)."
         )
     return _ADAPTERS[model_type](model)
 
