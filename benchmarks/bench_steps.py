@@ -146,6 +146,8 @@ def build(shape: Shape, batch_size: int, text_tokens: int, device: str):
     if shape.vision_config:
         config = model.config
         for name, value in shape.vision_config.items():
+            if not hasattr(config.vision_config, name):  # a misspelled field would be silently ignored
+                raise ValueError(f"{type(config.vision_config).__name__} has no field {name!r}")
             setattr(config.vision_config, name, value)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -173,20 +173,12 @@ class SparseTrainingMixin:
             self._decoder = self._decoder or model_parts.decoder(base)
             num_layers = len(self._decoder.layers)
             sparse_config.check_decoder_depth(num_layers)
-            always_run = model_parts.kv_store_layers(base)
-            named = sorted(always_run & set(sparse_config.skip_layers or ()))
-            if named:
-                raise ValueError(
-                    f"skip_layers {named} cannot be skipped: later decoder layers reuse their keys and values "
-                    f"(text_config.num_kv_shared_layers={base.config.get_text_config().num_kv_shared_layers}; layers "
-                    f"{sorted(always_run)} store them). Drop them from skip_layers."
-                )
             self.layer_skipper = LayerSkipper(
                 sparse_config.layer_skip_policy,
                 sparse_config.skip_policy_fields(),
                 num_layers,
                 sparse_config.seed,
-                always_run=always_run,
+                always_run=model_parts.kv_store_layers(base),
             )
         self.image_token_id = _image_token_id(base)
         if self.data_collator is not None and self.image_token_id is not None:

@@ -96,9 +96,7 @@ def test_sparsity_off_loss_equals_the_models_own(tmp_path, family):
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_keeping_every_token_gives_the_full_logits(family):
-    model, _, batch = _model_and_batch(family)
+def _assert_keeping_every_token_gives_the_full_logits(model, batch):
     adapter = get_adapter(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     compression = Compression(get_compressor("divprune"), keep_ratio=1.0)
@@ -110,6 +108,12 @@ def test_keeping_every_token_gives_the_full_logits(family):
             same = model(**{k: v for k, v in short.inputs.items() if k != "labels"}, use_cache=False).logits
     answers = next_token_targets(batch["labels"]) != -100
     torch.testing.assert_close(same[answers], full[answers], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_every_token_gives_the_full_logits(family):
+    model, _, batch = _model_and_batch(family)
+    _assert_keeping_every_token_gives_the_full_logits(model, batch)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -374,15 +378,7 @@ def test_the_base_class_is_the_adapter_of_a_family_following_the_common_layout()
     try:
         adapter = get_adapter(model)
         assert [run.length for run in adapter.layout(batch).runs] == [4] * 5
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        compression = Compression(get_compressor("divprune"), keep_ratio=1.0)
-        short = compress_batch(adapter, batch, compression)
-        with torch.no_grad():
-            full = model(**inputs, use_cache=False).logits
-            with sparse_hooks(adapter, short, compression):
-                same = model(**{k: v for k, v in short.inputs.items() if k != "labels"}, use_cache=False).logits
-        answers = next_token_targets(batch["labels"]) != -100
-        torch.testing.assert_close(same[answers], full[answers], atol=1e-5, rtol=0)
+        _assert_keeping_every_token_gives_the_full_logits(model, batch)
         compression = Compression(get_compressor("divprune"), keep_ratio=0.25)
         short = compress_batch(adapter, batch, compression)
         with torch.no_grad(), sparse_hooks(adapter, short, compression):

@@ -27,7 +27,8 @@ class LayerSkipper:
         num_layers (`int`): decoder depth.
         seed (`int`): seed of the decisions.
         always_run (`frozenset[int]`, *optional*): layers never skipped whatever the policy decides (layers whose
-            keys and values later layers reuse, see `model_parts.kv_store_layers`).
+            keys and values later layers reuse, see `model_parts.kv_store_layers`); `skip_layers` naming one is a
+            `ValueError`.
 
     Example:
 
@@ -53,6 +54,12 @@ class LayerSkipper:
         self.num_layers = num_layers
         self.seed = seed
         self.always_run = frozenset(always_run)
+        named = sorted(self.always_run & set(self.fields.get("skip_layers") or ()))
+        if named:
+            raise ValueError(
+                f"skip_layers {named} cannot be skipped: later decoder layers reuse their keys and values (layers "
+                f"{sorted(self.always_run)} store them, text_config.num_kv_shared_layers). Drop them from skip_layers."
+            )
         self.redundancy: list[float] | None = None  # last measured per-layer input/output similarity
         self.skip_counts = [0] * num_layers  # optimizer steps on which each layer was skipped
         self._counted_step = -1
